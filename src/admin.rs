@@ -1,0 +1,404 @@
+//! Admin routes: look up users and their history, adjust balances, daily statistics.
+//! They run as `service_role` once [`AdminCaller`] has accepted the caller.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{OriginalUri, State};
+use axum::http::{Method, StatusCode};
+use axum::response::Response;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::AdminCaller;
+use crate::credits::{self, BalanceChange, Transaction, check_text};
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::extract::{ApiJson, ApiQuery, IdPath, List, PageParams, bad_cursor};
+use crate::idempotency::{self, IdempotencyKey, Stored};
+use crate::profile_columns;
+use crate::profiles::{self, Profile, ProfileRow};
+use crate::telemetry;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(search_users))
+        .routes(routes!(get_user))
+        .routes(routes!(user_transactions))
+        .routes(routes!(adjust_credits))
+        .routes(routes!(stats))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UserSearch {
+    /// Case-insensitive part of the email address.
+    pub email: Option<String>,
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+}
+
+/// Users whose email contains `email`, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/users",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(UserSearch),
+    responses(
+        (status = 200, body = List<Profile>),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn search_users(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    ApiQuery(search): ApiQuery<UserSearch>,
+) -> ApiResult<Json<List<Profile>>> {
+    let page = PageParams {
+        limit: search.limit,
+        cursor: search.cursor,
+    }
+    .check()?;
+    let email = search
+        .email
+        .map(|e| e.trim().to_lowercase())
+        .filter(|e| !e.is_empty());
+    if email.as_ref().is_some_and(|e| e.chars().count() > 320) {
+        return Err(ApiError::field("email", "at most 320 characters"));
+    }
+    // The cursor holds the last row's (created_at, id).
+    let after: Option<(DateTime<Utc>, Uuid)> = match &page.cursor {
+        None => None,
+        Some(position) => {
+            let (at, id) = position.split_once('|').ok_or_else(bad_cursor)?;
+            let at = DateTime::parse_from_rfc3339(at)
+                .map_err(|_| bad_cursor())?
+                .with_timezone(&Utc);
+            Some((at, Uuid::parse_str(id).map_err(|_| bad_cursor())?))
+        }
+    };
+    let pattern = email.map(|e| format!("%{}%", escape_like(&e)));
+    let rows: Vec<ProfileRow> = sqlx::query_as(concat!(
+        "select ",
+        profile_columns!(),
+        " from public.profiles p
+          where ($1::text is null or lower(p.email) like $1 escape '\\')
+            and ($2::timestamptz is null or (p.created_at, p.id) < ($2, $3))
+          order by p.created_at desc, p.id desc
+          limit $4"
+    ))
+    .bind(pattern)
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
+    .bind(page.limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let profiles: Vec<Profile> = rows.into_iter().map(Profile::from).collect();
+    Ok(Json(List::from_rows(profiles, page.limit, |p| {
+        format!(
+            "{}|{}",
+            p.created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            p.id
+        )
+    })))
+}
+
+/// Escapes `%`, `_` and `\` so that the text matches literally inside a LIKE pattern.
+fn escape_like(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One user's profile.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/users/{id}",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, body = Profile),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_user(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    IdPath(id): IdPath,
+) -> ApiResult<Json<Profile>> {
+    let mut conn = state.pool.acquire().await?;
+    let profile = profiles::fetch(&mut conn, id)
+        .await?
+        .ok_or(ApiError::ProfileNotFound)?;
+    Ok(Json(profile))
+}
+
+/// One user's credit history, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/users/{id}/transactions",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path), PageParams),
+    responses(
+        (status = 200, body = List<Transaction>),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn user_transactions(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    IdPath(id): IdPath,
+    ApiQuery(params): ApiQuery<PageParams>,
+) -> ApiResult<Json<List<Transaction>>> {
+    let page = params.check()?;
+    let mut conn = state.pool.acquire().await?;
+    let list = credits::history(&mut conn, id, &page).await?;
+    if list.items.is_empty() {
+        let exists: bool =
+            sqlx::query_scalar("select exists (select 1 from public.profiles where id = $1)")
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?;
+        if !exists {
+            return Err(ApiError::ProfileNotFound);
+        }
+    }
+    Ok(Json(list))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdjustRequest {
+    /// Credits to add (positive) or take away (negative, never below a zero balance).
+    #[schema(minimum = -1_000_000_000, maximum = 1_000_000_000)]
+    pub amount: i64,
+    /// Why, for the ledger (1–500 characters).
+    pub reason: String,
+}
+
+/// Adds or removes credits; recorded with source `admin`.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/users/{id}/credits",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for 24 h")),
+    request_body = AdjustRequest,
+    responses(
+        (status = 201, body = BalanceChange),
+        (status = 402, description = "Would take the balance below zero", body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn adjust_credits(
+    State(state): State<AppState>,
+    admin: AdminCaller,
+    IdPath(id): IdPath,
+    IdempotencyKey(key): IdempotencyKey,
+    OriginalUri(uri): OriginalUri,
+    body: ApiJson<AdjustRequest>,
+) -> ApiResult<Response> {
+    let request = body.value;
+    let mut errors = Vec::new();
+    if request.amount == 0 || request.amount.abs() > 1_000_000_000 {
+        errors.push(FieldError::new(
+            "amount",
+            "must be a non-zero whole number between -1000000000 and 1000000000",
+        ));
+    }
+    let reason = Some(request.reason.trim().to_owned()).filter(|r| !r.is_empty());
+    if reason.is_none() {
+        errors.push(FieldError::new("reason", "is required"));
+    }
+    check_text(&mut errors, "reason", &reason, 500);
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+
+    let actor = admin.actor();
+    let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
+    let owner = format!("admin:{actor}");
+    idempotency::run(&state.pool, &owner, key.as_deref(), hash, move |conn| {
+        Box::pin(async move {
+            let transaction: Transaction =
+                sqlx::query_as("select * from public.add_credits($1, $2, 'admin', $3, $4)")
+                    .bind(id)
+                    .bind(request.amount as i32)
+                    .bind(&reason)
+                    .bind(format!("admin:{actor}"))
+                    .fetch_one(conn)
+                    .await?;
+            if request.amount > 0 {
+                telemetry::credits_granted("admin", request.amount);
+            } else {
+                telemetry::credits_spent("admin", -request.amount);
+            }
+            let balance = transaction.balance_after;
+            Stored::json(
+                StatusCode::CREATED,
+                &BalanceChange {
+                    transaction,
+                    balance,
+                },
+            )
+        })
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StatsParams {
+    /// Days back from today (UTC), 1–366; default 30.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 366)]
+    pub days: Option<String>,
+}
+
+/// One UTC day of activity.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DayStats {
+    pub date: NaiveDate,
+    /// Credits added, by source.
+    pub granted: BTreeMap<String, i64>,
+    /// Credits spent by users.
+    pub spent: i64,
+    /// Credits taken back other than by spending (admin removals, refunds), by source.
+    pub removed: BTreeMap<String, i64>,
+    pub ad_views: i64,
+    pub ad_credits: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Stats {
+    /// Oldest day first.
+    pub days: Vec<DayStats>,
+}
+
+#[derive(FromRow)]
+struct StatsRow {
+    day: NaiveDate,
+    source: Option<String>,
+    granted: i64,
+    taken: i64,
+    ad_views: i64,
+    ad_credits: i64,
+}
+
+/// Daily totals for the last `days` UTC days, today included.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/stats",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(StatsParams),
+    responses(
+        (status = 200, body = Stats),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn stats(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    ApiQuery(params): ApiQuery<StatsParams>,
+) -> ApiResult<Json<Stats>> {
+    let days: i32 = match params.days.as_deref() {
+        None => 30,
+        Some(raw) => match raw.parse() {
+            Ok(n) if (1..=366).contains(&n) => n,
+            _ => {
+                return Err(ApiError::field(
+                    "days",
+                    "must be a whole number from 1 to 366",
+                ));
+            }
+        },
+    };
+    // One row per (day, source) of ledger totals, plus one row per day (source null) of ad
+    // totals; every day of the range appears even when nothing happened.
+    let rows: Vec<StatsRow> = sqlx::query_as(
+        "with bounds as (
+           select (now() at time zone 'utc')::date - ($1 - 1) as first_day
+         ),
+         ledger as (
+           select (t.created_at at time zone 'utc')::date as day, t.source,
+                  coalesce(sum(t.amount) filter (where t.amount > 0), 0)::bigint as granted,
+                  coalesce(-sum(t.amount) filter (where t.amount < 0), 0)::bigint as taken
+             from public.credit_transactions t, bounds b
+            where t.created_at >= b.first_day::timestamp at time zone 'utc'
+            group by 1, 2
+         ),
+         ads as (
+           select v.viewed_on as day, count(*)::bigint as ad_views,
+                  coalesce(sum(v.credits_awarded), 0)::bigint as ad_credits
+             from public.ad_views v, bounds b
+            where v.viewed_on >= b.first_day
+            group by 1
+         )
+         select d.day::date as day, null::text as source, 0::bigint as granted, 0::bigint as taken,
+                coalesce(a.ad_views, 0) as ad_views, coalesce(a.ad_credits, 0) as ad_credits
+           from bounds b,
+                generate_series(b.first_day, (now() at time zone 'utc')::date, interval '1 day') as d(day)
+           left join ads a on a.day = d.day::date
+         union all
+         select l.day, l.source, l.granted, l.taken, 0, 0 from ledger l
+         order by 1, 2 nulls first",
+    )
+    .bind(days)
+    .fetch_all(&state.pool)
+    .await?;
+
+    let mut by_day: BTreeMap<NaiveDate, DayStats> = BTreeMap::new();
+    for row in rows {
+        let day = by_day.entry(row.day).or_insert_with(|| DayStats {
+            date: row.day,
+            granted: BTreeMap::new(),
+            spent: 0,
+            removed: BTreeMap::new(),
+            ad_views: 0,
+            ad_credits: 0,
+        });
+        match row.source {
+            None => {
+                day.ad_views = row.ad_views;
+                day.ad_credits = row.ad_credits;
+            }
+            Some(source) => {
+                if row.granted > 0 {
+                    day.granted.insert(source.clone(), row.granted);
+                }
+                if row.taken > 0 {
+                    if source == "spend" {
+                        day.spent += row.taken;
+                    } else {
+                        day.removed.insert(source, row.taken);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Json(Stats {
+        days: by_day.into_values().collect(),
+    }))
+}

@@ -1,0 +1,322 @@
+//! Supabase access tokens (CONTRACT §2): verification and the extractors that are the only
+//! place handlers learn who is calling.
+//!
+//! A token is verified once per request by [`authenticate`], a middleware that also feeds the
+//! rate limiter; the extractors ([`AuthUser`], [`AdminCaller`]) read its verdict.
+
+pub mod jwks;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::config::JwtConfig;
+use crate::error::ApiError;
+use jwks::JwksCache;
+
+/// Allowed clock skew for `exp` and `nbf`.
+pub const LEEWAY_SECONDS: u64 = 60;
+
+/// The database role a token speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Anon,
+    Authenticated,
+    ServiceRole,
+    Other,
+}
+
+/// A token whose signature and claims have been checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedToken {
+    pub role: Role,
+    pub user_id: Option<Uuid>,
+    pub email: Option<String>,
+    pub is_anonymous: bool,
+    /// The claims as signed, handed to PostgreSQL as `request.jwt.claims`.
+    pub claims: Arc<str>,
+}
+
+/// Why a token was refused; the text goes into the 401's `detail`.
+pub type Refusal = &'static str;
+
+/// Checks tokens against the configured HS256 secret and the JWKS keys.
+pub struct TokenVerifier {
+    hs256: Option<DecodingKey>,
+    jwks: Option<JwksCache>,
+    audience: String,
+    issuer: Option<String>,
+}
+
+impl TokenVerifier {
+    pub fn new(config: &JwtConfig, http: reqwest::Client) -> Self {
+        Self {
+            hs256: config
+                .secret
+                .as_ref()
+                .map(|s| DecodingKey::from_secret(s.expose().as_bytes())),
+            jwks: config.jwks_url.clone().map(|url| JwksCache::new(url, http)),
+            audience: config.audience.clone(),
+            issuer: config.issuer.clone(),
+        }
+    }
+
+    /// Fetches the JWKS ahead of the first request, when one is configured.
+    pub async fn prefetch(&self) {
+        if let Some(jwks) = &self.jwks {
+            jwks.prefetch().await;
+        }
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<VerifiedToken, Refusal> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed token")?;
+
+        // Algorithms are pinned to their key source: HS256 only with the project secret,
+        // asymmetric algorithms only with a JWKS key of that same algorithm.
+        let (algorithm, key) = match header.alg {
+            Algorithm::HS256 => {
+                let key = self
+                    .hs256
+                    .as_ref()
+                    .ok_or("HS256 tokens are not accepted here")?;
+                (Algorithm::HS256, KeyRef::Borrowed(key))
+            }
+            Algorithm::HS384 | Algorithm::HS512 => return Err("unsupported signing algorithm"),
+            alg => {
+                let jwks = self
+                    .jwks
+                    .as_ref()
+                    .ok_or("asymmetric tokens are not accepted here")?;
+                let kid = header
+                    .kid
+                    .as_deref()
+                    .ok_or("the token names no key (kid)")?;
+                let found = jwks.key(kid).await.ok_or("unknown signing key (kid)")?;
+                if found.algorithm != alg {
+                    return Err("the signing algorithm does not match the key");
+                }
+                (alg, KeyRef::Shared(found.key))
+            }
+        };
+
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        // Audience and issuer are checked below, because the legacy service_role key has
+        // neither and is accepted on its own terms.
+        validation.validate_aud = false;
+
+        let data =
+            jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, key.get(), &validation)
+                .map_err(|err| match err.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired",
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => "the token is not valid yet",
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => "bad signature",
+                _ => "the token could not be verified",
+            })?;
+        let claims = data.claims;
+
+        let role = match claims.get("role").and_then(Value::as_str) {
+            Some("anon") => Role::Anon,
+            Some("authenticated") => Role::Authenticated,
+            Some("service_role") => Role::ServiceRole,
+            _ => Role::Other,
+        };
+
+        let legacy_service_key = algorithm == Algorithm::HS256
+            && role == Role::ServiceRole
+            && !claims.contains_key("aud")
+            && !claims.contains_key("sub")
+            && claims.get("iss").and_then(Value::as_str) == Some("supabase");
+        if !legacy_service_key {
+            if !audience_matches(claims.get("aud"), &self.audience) {
+                return Err("wrong audience");
+            }
+            if let Some(issuer) = &self.issuer
+                && claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str())
+            {
+                return Err("wrong issuer");
+            }
+        }
+
+        let user_id = match claims.get("sub") {
+            None => None,
+            Some(Value::String(sub)) => {
+                Some(Uuid::parse_str(sub).map_err(|_| "the subject is not a user id")?)
+            }
+            Some(_) => return Err("the subject is not a user id"),
+        };
+
+        Ok(VerifiedToken {
+            role,
+            user_id,
+            email: claims
+                .get("email")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            is_anonymous: claims
+                .get("is_anonymous")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            claims: serde_json::to_string(&claims)
+                .map_err(|_| "malformed token")?
+                .into(),
+        })
+    }
+}
+
+enum KeyRef<'a> {
+    Borrowed(&'a DecodingKey),
+    Shared(Arc<DecodingKey>),
+}
+
+impl KeyRef<'_> {
+    fn get(&self) -> &DecodingKey {
+        match self {
+            KeyRef::Borrowed(k) => k,
+            KeyRef::Shared(k) => k,
+        }
+    }
+}
+
+fn audience_matches(aud: Option<&Value>, expected: &str) -> bool {
+    match aud {
+        Some(Value::String(a)) => a == expected,
+        Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(expected)),
+        _ => false,
+    }
+}
+
+/// What the middleware found in the `Authorization` header.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No `Authorization` header.
+    Nobody,
+    Token(VerifiedToken),
+    Refused(Refusal),
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<Result<&str, Refusal>> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    let Ok(value) = value.to_str() else {
+        return Some(Err("malformed Authorization header"));
+    };
+    let mut parts = value.splitn(2, ' ');
+    let scheme = parts.next().unwrap_or_default();
+    let token = parts.next().map(str::trim).unwrap_or_default();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Some(Err("expected Authorization: Bearer <token>"));
+    }
+    Some(Ok(token))
+}
+
+/// Verifies the bearer token, if any, once per request and records the verdict for the
+/// extractors and the rate limiter.
+pub async fn authenticate(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let caller = match bearer_token(request.headers()) {
+        None => Caller::Nobody,
+        Some(Err(why)) => Caller::Refused(why),
+        Some(Ok(token)) => match state.verifier.verify(token).await {
+            Ok(verified) => Caller::Token(verified),
+            Err(why) => Caller::Refused(why),
+        },
+    };
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+fn caller(parts: &Parts) -> Result<&VerifiedToken, ApiError> {
+    match parts.extensions.get::<Caller>() {
+        Some(Caller::Token(token)) => Ok(token),
+        Some(Caller::Refused(why)) => Err(ApiError::InvalidToken(why)),
+        Some(Caller::Nobody) | None => Err(ApiError::InvalidToken("no bearer token was sent")),
+    }
+}
+
+/// A signed-in user (`role = authenticated` with a `sub`).
+#[derive(Debug, Clone)]
+pub struct AuthUser {
+    pub id: Uuid,
+    pub is_anonymous: bool,
+    pub claims: Arc<str>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let token = caller(parts)?;
+        if token.role != Role::Authenticated {
+            return Err(ApiError::Forbidden("this route is for signed-in users"));
+        }
+        let id = token
+            .user_id
+            .ok_or(ApiError::InvalidToken("the token has no subject"))?;
+        Ok(AuthUser {
+            id,
+            is_anonymous: token.is_anonymous,
+            claims: token.claims.clone(),
+        })
+    }
+}
+
+/// Who is acting on an admin route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminCaller {
+    /// The project's service_role key.
+    ServiceRole,
+    /// A user whose profile has `is_admin = true`.
+    Admin(Uuid),
+}
+
+impl AdminCaller {
+    /// The actor as recorded in the ledger and idempotency records.
+    pub fn actor(&self) -> String {
+        match self {
+            AdminCaller::ServiceRole => "service_role".to_owned(),
+            AdminCaller::Admin(id) => id.to_string(),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = caller(parts)?;
+        match (token.role, token.user_id) {
+            (Role::ServiceRole, _) => Ok(AdminCaller::ServiceRole),
+            (Role::Authenticated, Some(id)) => {
+                // Admin status is read fresh: revoking it takes effect at once.
+                let is_admin: Option<bool> =
+                    sqlx::query_scalar("select is_admin from public.profiles where id = $1")
+                        .bind(id)
+                        .fetch_optional(&state.pool)
+                        .await?;
+                if is_admin == Some(true) {
+                    Ok(AdminCaller::Admin(id))
+                } else {
+                    Err(ApiError::Forbidden("this route is for admins"))
+                }
+            }
+            _ => Err(ApiError::Forbidden("this route is for admins")),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The command line (CONTRACT §1): each verb is a thin call into the library.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use sqlx::Connection;
+use uuid::Uuid;
+
+use crate::config::{Config, DEV_JWT_SECRET, LogFormat};
+use crate::{AppState, app, db, openapi, telemetry, verify};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "amethyst-credits",
+    version,
+    about = "The Amethyst credits service"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending migrations, then serve HTTP (the default).
+    Serve {
+        /// Use the Supabase CLI's local JWT secret when none is configured.
+        #[arg(long)]
+        dev: bool,
+        /// Do not apply migrations at start-up.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Apply pending migrations and exit.
+    Migrate,
+    /// Check the schema, the privileges and the ledger; exit non-zero on any failure.
+    Verify,
+    /// Mint an HS256 access token with the configured secret, for local trials.
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: Uuid,
+        #[arg(long, value_enum, default_value_t = TokenRole::Authenticated)]
+        role: TokenRole,
+        #[arg(long)]
+        email: Option<String>,
+        /// Lifetime, such as 90s, 30m, 1h or 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+        /// Mark the token as a Supabase anonymous sign-in.
+        #[arg(long)]
+        anonymous: bool,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TokenRole {
+    Authenticated,
+    ServiceRole,
+}
+
+fn parse_ttl(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like 30m or 1h"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{raw:?}: the unit must be s, m, h or d")),
+    };
+    if seconds == 0 {
+        return Err("the lifetime must be positive".to_owned());
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+/// Runs the command line; the process exits with the returned code.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::from_env()?;
+    match cli.command.unwrap_or(Command::Serve {
+        dev: false,
+        no_migrate: false,
+    }) {
+        Command::Serve { dev, no_migrate } => serve(config, dev, no_migrate).await,
+        Command::Migrate => {
+            telemetry::init_logging(config.log_format);
+            let options = db::connect_options(&config.database_url)?;
+            db::ensure_database(&options).await?;
+            db::migrate(&options).await?;
+            tracing::info!("migrations are current");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify => {
+            let options = db::connect_options(&config.database_url)?;
+            let mut conn = sqlx::PgConnection::connect_with(&options)
+                .await
+                .context("could not connect to the database")?;
+            let report = verify::run(&mut conn).await?;
+            println!("{report}");
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Token {
+            sub,
+            role,
+            email,
+            ttl,
+            anonymous,
+        } => {
+            let secret = match &config.jwt.secret {
+                Some(secret) => secret.expose().to_owned(),
+                None => {
+                    eprintln!(
+                        "SUPABASE_JWT_SECRET is not set: signing with the local development secret (serve --dev)"
+                    );
+                    DEV_JWT_SECRET.to_owned()
+                }
+            };
+            println!(
+                "{}",
+                mint_token(&config, &secret, sub, role, email, ttl, anonymous)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Openapi => {
+            println!("{}", openapi::document().to_pretty_json()?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn mint_token(
+    config: &Config,
+    secret: &str,
+    sub: Uuid,
+    role: TokenRole,
+    email: Option<String>,
+    ttl: Duration,
+    anonymous: bool,
+) -> anyhow::Result<String> {
+    let now = chrono::Utc::now().timestamp();
+    let mut claims = serde_json::json!({
+        "sub": sub,
+        "aud": config.jwt.audience,
+        "role": match role {
+            TokenRole::Authenticated => "authenticated",
+            TokenRole::ServiceRole => "service_role",
+        },
+        "iat": now,
+        "exp": now + ttl.as_secs() as i64,
+        "aal": "aal1",
+        "session_id": Uuid::new_v4(),
+        "is_anonymous": anonymous,
+    });
+    if let Some(issuer) = &config.jwt.issuer {
+        claims["iss"] = issuer.clone().into();
+    }
+    if let Some(email) = email {
+        claims["email"] = email.into();
+    }
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<ExitCode> {
+    let config = if dev {
+        config.with_dev_defaults()
+    } else {
+        config
+    };
+    telemetry::init_logging(config.log_format);
+    if dev {
+        tracing::warn!(
+            "DEVELOPMENT MODE: tokens signed with the Supabase CLI's well-known local secret are accepted. \
+             Never run --dev where real users can reach it."
+        );
+    }
+    config.check_can_authenticate()?;
+    if config.log_format == LogFormat::Pretty {
+        tracing::debug!(?config, "configuration");
+    }
+
+    let options = db::connect_options(&config.database_url)?;
+    db::ensure_database(&options).await?;
+    if !no_migrate {
+        db::migrate(&options).await?;
+    }
+    let pool = db::connect(options, config.database_max_connections).await?;
+    let listener = tokio::net::TcpListener::bind(config.bind_addr)
+        .await
+        .with_context(|| format!("could not listen on {} (BIND_ADDR)", config.bind_addr))?;
+    let state = AppState::new(config, pool);
+    let verifier = state.verifier.clone();
+    tokio::spawn(async move { verifier.prefetch().await });
+
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "listening");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing requests in flight");
+        let _ = stop_tx.send(true);
+    });
+    tokio::select! {
+        result = server => result.context("the server failed")?,
+        _ = async {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        } => {
+            tracing::warn!("requests still running after 30 s; stopping anyway");
+            bail!("shutdown timed out");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_take_the_usual_units() {
+        assert_eq!(parse_ttl("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_ttl("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_ttl("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_ttl("7d").unwrap(), Duration::from_secs(604_800));
+        assert!(parse_ttl("0").is_err());
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+    }
+}

@@ -1,0 +1,336 @@
+//! Environment → typed configuration. Every error names the variable at fault; secrets are
+//! wrapped so that they never reach a log line through `Debug`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The Supabase CLI's well-known local JWT secret, used by `serve --dev` only.
+pub const DEV_JWT_SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/amethyst";
+
+/// A secret value: printable only on purpose, through [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// How tokens are checked (CONTRACT §2).
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub secret: Option<Secret>,
+    pub jwks_url: Option<String>,
+    pub audience: String,
+    pub issuer: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StripeConfig {
+    pub secret_key: Option<Secret>,
+    pub webhook_secrets: Vec<Secret>,
+    pub api_base: String,
+    pub success_url: Option<String>,
+    pub cancel_url: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub database_max_connections: u32,
+    pub bind_addr: SocketAddr,
+    pub jwt: JwtConfig,
+    pub stripe: StripeConfig,
+    pub cors_allowed_origins: Vec<String>,
+    pub allow_anonymous_rewards: bool,
+    pub log_format: LogFormat,
+    /// Requests per minute and burst per caller; 0 turns rate limiting off.
+    pub rate_limit_per_minute: u32,
+    pub rate_limit_burst: u32,
+    pub request_timeout: Duration,
+    /// `serve --dev`: the well-known local secret is in use.
+    pub dev: bool,
+}
+
+/// A configuration error, naming the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {message}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub message: String,
+}
+
+fn invalid(variable: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads the process environment (after `.env`, which `main` loads).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the configuration from any variable source; empty values count as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+
+        let database_url = get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        let database_max_connections = parse_number(
+            "DATABASE_MAX_CONNECTIONS",
+            get("DATABASE_MAX_CONNECTIONS"),
+            10,
+        )?;
+        if database_max_connections == 0 {
+            return Err(invalid("DATABASE_MAX_CONNECTIONS", "must be at least 1"));
+        }
+
+        let bind_addr = get("BIND_ADDR")
+            .unwrap_or_else(|| "127.0.0.1:8080".to_owned())
+            .parse()
+            .map_err(|_| invalid("BIND_ADDR", "expected host:port, such as 0.0.0.0:8080"))?;
+
+        let supabase_url = get("SUPABASE_URL").map(|u| u.trim_end_matches('/').to_owned());
+        if let Some(url) = &supabase_url {
+            check_http_url("SUPABASE_URL", url)?;
+        }
+        let jwks_url = get("SUPABASE_JWKS_URL")
+            .or_else(|| {
+                supabase_url
+                    .as_ref()
+                    .map(|u| format!("{u}/auth/v1/.well-known/jwks.json"))
+            })
+            .map(|u| check_http_url("SUPABASE_JWKS_URL", &u).map(|()| u))
+            .transpose()?;
+        let issuer =
+            get("JWT_ISSUER").or_else(|| supabase_url.as_ref().map(|u| format!("{u}/auth/v1")));
+        let secret = get("SUPABASE_JWT_SECRET").map(Secret::new);
+        if let Some(secret) = &secret
+            && secret.expose().len() < 32
+        {
+            return Err(invalid(
+                "SUPABASE_JWT_SECRET",
+                "must be at least 32 characters (Supabase's JWT secrets are)",
+            ));
+        }
+
+        let webhook_secrets = get("STRIPE_WEBHOOK_SECRET")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(Secret::new)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let api_base = get("STRIPE_API_BASE")
+            .unwrap_or_else(|| "https://api.stripe.com".to_owned())
+            .trim_end_matches('/')
+            .to_owned();
+        check_http_url("STRIPE_API_BASE", &api_base)?;
+        let success_url = get("CHECKOUT_SUCCESS_URL");
+        if let Some(url) = &success_url {
+            check_http_url("CHECKOUT_SUCCESS_URL", url)?;
+        }
+        let cancel_url = get("CHECKOUT_CANCEL_URL");
+        if let Some(url) = &cancel_url {
+            check_http_url("CHECKOUT_CANCEL_URL", url)?;
+        }
+
+        let cors_allowed_origins = get("CORS_ALLOWED_ORIGINS")
+            .map(|v| {
+                v.split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for origin in &cors_allowed_origins {
+            check_http_url("CORS_ALLOWED_ORIGINS", origin)?;
+        }
+
+        let allow_anonymous_rewards =
+            parse_bool("ALLOW_ANONYMOUS_REWARDS", get("ALLOW_ANONYMOUS_REWARDS"))?;
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None => {
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    LogFormat::Pretty
+                } else {
+                    LogFormat::Json
+                }
+            }
+            Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(_) => return Err(invalid("LOG_FORMAT", "expected json or pretty")),
+        };
+
+        let rate_limit_per_minute =
+            parse_number("RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), 600)?;
+        let rate_limit_burst = parse_number("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), 100)?;
+        let request_timeout = Duration::from_secs(parse_number(
+            "REQUEST_TIMEOUT_SECONDS",
+            get("REQUEST_TIMEOUT_SECONDS"),
+            30,
+        )?);
+
+        Ok(Config {
+            database_url,
+            database_max_connections,
+            bind_addr,
+            jwt: JwtConfig {
+                secret,
+                jwks_url,
+                audience: get("JWT_AUDIENCE").unwrap_or_else(|| "authenticated".to_owned()),
+                issuer,
+            },
+            stripe: StripeConfig {
+                secret_key: get("STRIPE_SECRET_KEY").map(Secret::new),
+                webhook_secrets,
+                api_base,
+                success_url,
+                cancel_url,
+            },
+            cors_allowed_origins,
+            allow_anonymous_rewards,
+            log_format,
+            rate_limit_per_minute,
+            rate_limit_burst,
+            request_timeout,
+            dev: false,
+        })
+    }
+
+    /// `serve --dev`: fall back to the Supabase CLI's local secret when none is configured.
+    pub fn with_dev_defaults(mut self) -> Self {
+        self.dev = true;
+        if self.jwt.secret.is_none() {
+            self.jwt.secret = Some(Secret::new(DEV_JWT_SECRET));
+        }
+        self
+    }
+
+    /// The server refuses to start without a way to check tokens.
+    pub fn check_can_authenticate(&self) -> Result<(), ConfigError> {
+        if self.jwt.secret.is_none() && self.jwt.jwks_url.is_none() {
+            return Err(invalid(
+                "SUPABASE_JWT_SECRET",
+                "no way to check tokens: set SUPABASE_JWT_SECRET (legacy HS256 secret) and/or \
+                 SUPABASE_JWKS_URL (or SUPABASE_URL, from which it is derived)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_number<T: std::str::FromStr>(
+    variable: &'static str,
+    value: Option<String>,
+    default: T,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| invalid(variable, format!("expected a whole number, got {v:?}"))),
+    }
+}
+
+fn parse_bool(variable: &'static str, value: Option<String>) -> Result<bool, ConfigError> {
+    match value.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("false" | "0" | "no" | "off") => Ok(false),
+        Some("true" | "1" | "yes" | "on") => Ok(true),
+        Some(_) => Err(invalid(variable, "expected true or false")),
+    }
+}
+
+fn check_http_url(variable: &'static str, url: &str) -> Result<(), ConfigError> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| invalid(variable, "expected an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(invalid(variable, "the URL has no host"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    #[test]
+    fn supabase_url_implies_jwks_url_and_issuer() {
+        let c = config(&[("SUPABASE_URL", "https://abc.supabase.co/")]).unwrap();
+        assert_eq!(
+            c.jwt.jwks_url.as_deref(),
+            Some("https://abc.supabase.co/auth/v1/.well-known/jwks.json")
+        );
+        assert_eq!(
+            c.jwt.issuer.as_deref(),
+            Some("https://abc.supabase.co/auth/v1")
+        );
+        assert_eq!(c.jwt.audience, "authenticated");
+    }
+
+    #[test]
+    fn missing_verification_keys_are_named() {
+        let c = config(&[]).unwrap();
+        let err = c.check_can_authenticate().unwrap_err().to_string();
+        assert!(
+            err.contains("SUPABASE_JWT_SECRET") && err.contains("SUPABASE_JWKS_URL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let err = config(&[("RATE_LIMIT_PER_MINUTE", "lots")]).unwrap_err();
+        assert_eq!(err.variable, "RATE_LIMIT_PER_MINUTE");
+        let err = config(&[("SUPABASE_JWT_SECRET", "short")]).unwrap_err();
+        assert_eq!(err.variable, "SUPABASE_JWT_SECRET");
+    }
+
+    #[test]
+    fn webhook_secrets_are_a_comma_separated_list() {
+        let c = config(&[("STRIPE_WEBHOOK_SECRET", "whsec_a, whsec_b")]).unwrap();
+        assert_eq!(c.stripe.webhook_secrets.len(), 2);
+        assert_eq!(
+            format!("{:?}", c.stripe.webhook_secrets[0]),
+            "Secret([redacted])"
+        );
+    }
+}

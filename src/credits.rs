@@ -1,0 +1,198 @@
+//! Balances and their history: `GET /v1/me/transactions`, `POST /v1/credits/spend`, and the
+//! Transaction shape shared with the admin routes.
+
+use axum::Json;
+use axum::extract::{OriginalUri, State};
+use axum::http::{Method, StatusCode};
+use axum::response::Response;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::AuthUser;
+use crate::db;
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::extract::{ApiJson, ApiQuery, List, Page, PageParams, bad_cursor};
+use crate::idempotency::{self, IdempotencyKey, Stored};
+use crate::telemetry;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(my_transactions))
+        .routes(routes!(spend))
+}
+
+/// One change to a balance.
+#[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema)]
+pub struct Transaction {
+    pub id: Uuid,
+    /// Positive for credits added, negative for credits taken.
+    pub amount: i32,
+    pub balance_after: i32,
+    /// `stripe`, `subscription`, `ad_view`, `admin`, `system`, `spend` or `refund`.
+    pub source: String,
+    pub description: Option<String>,
+    pub reference: Option<String>,
+    pub created_at: DateTime<Utc>,
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub seq: i64,
+}
+
+/// A page of `user_id`'s history, newest first, in whatever session `conn` is in.
+pub async fn history(
+    conn: &mut sqlx::PgConnection,
+    user_id: Uuid,
+    page: &Page,
+) -> ApiResult<List<Transaction>> {
+    let before: Option<i64> = match &page.cursor {
+        None => None,
+        Some(position) => Some(position.parse().map_err(|_| bad_cursor())?),
+    };
+    // Keyset pagination on the ledger order: the index (user_id, seq desc) serves every page
+    // at the same cost, however deep.
+    let rows: Vec<Transaction> = sqlx::query_as(
+        "select id, amount, balance_after, source, description, reference, created_at, seq
+           from public.credit_transactions
+          where user_id = $1 and ($2::bigint is null or seq < $2)
+          order by seq desc
+          limit $3",
+    )
+    .bind(user_id)
+    .bind(before)
+    .bind(page.limit + 1)
+    .fetch_all(conn)
+    .await?;
+    Ok(List::from_rows(rows, page.limit, |t| t.seq.to_string()))
+}
+
+/// The caller's credit history, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/me/transactions",
+    tag = "credits",
+    security(("bearer" = [])),
+    params(PageParams),
+    responses(
+        (status = 200, body = List<Transaction>),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Bad limit or cursor", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn my_transactions(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiQuery(params): ApiQuery<PageParams>,
+) -> ApiResult<Json<List<Transaction>>> {
+    let page = params.check()?;
+    let mut tx = db::begin_as_user(&state.pool, &user).await?;
+    let list = history(&mut tx, user.id, &page).await?;
+    tx.commit().await?;
+    Ok(Json(list))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpendRequest {
+    /// Credits to spend, 1–1,000,000.
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub amount: i64,
+    /// What the credits pay for (at most 500 characters).
+    pub description: Option<String>,
+    /// The caller's own reference, such as an image id (at most 255 characters).
+    pub reference: Option<String>,
+}
+
+/// A balance change and the balance after it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BalanceChange {
+    pub transaction: Transaction,
+    pub balance: i32,
+}
+
+/// Checks free text: length in characters, and no control characters.
+pub fn check_text(errors: &mut Vec<FieldError>, field: &str, value: &Option<String>, max: usize) {
+    if let Some(text) = value {
+        if text.chars().count() > max {
+            errors.push(FieldError::new(field, format!("at most {max} characters")));
+        } else if text.chars().any(|c| c.is_control() && c != '\n') {
+            errors.push(FieldError::new(
+                field,
+                "must not contain control characters",
+            ));
+        }
+    }
+}
+
+/// Spends credits from the caller's balance.
+#[utoipa::path(
+    post,
+    path = "/v1/credits/spend",
+    tag = "credits",
+    security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for 24 h")),
+    request_body = SpendRequest,
+    responses(
+        (status = 201, body = BalanceChange),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 402, description = "Balance too low (`insufficient_credits`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn spend(
+    State(state): State<AppState>,
+    user: AuthUser,
+    IdempotencyKey(key): IdempotencyKey,
+    OriginalUri(uri): OriginalUri,
+    body: ApiJson<SpendRequest>,
+) -> ApiResult<Response> {
+    let request = body.value;
+    let mut errors = Vec::new();
+    if !(1..=1_000_000).contains(&request.amount) {
+        errors.push(FieldError::new(
+            "amount",
+            "must be a whole number from 1 to 1000000",
+        ));
+    }
+    check_text(&mut errors, "description", &request.description, 500);
+    check_text(&mut errors, "reference", &request.reference, 255);
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+
+    let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
+    let user_id = user.id;
+    idempotency::run(
+        &state.pool,
+        &user.id.to_string(),
+        key.as_deref(),
+        hash,
+        move |conn| {
+            Box::pin(async move {
+                let transaction: Transaction =
+                    sqlx::query_as("select * from public.spend_credits($1, $2, $3, $4)")
+                        .bind(user_id)
+                        .bind(request.amount as i32)
+                        .bind(&request.description)
+                        .bind(&request.reference)
+                        .fetch_one(conn)
+                        .await?;
+                telemetry::credits_spent("spend", request.amount);
+                let balance = transaction.balance_after;
+                Stored::json(
+                    StatusCode::CREATED,
+                    &BalanceChange {
+                        transaction,
+                        balance,
+                    },
+                )
+            })
+        },
+    )
+    .await
+}

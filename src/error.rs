@@ -1,0 +1,271 @@
+//! The one error type of the HTTP layer, rendered as RFC 9457 `application/problem+json`
+//! (CONTRACT §3), and the one place where database outcomes get their meaning.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The media type of every error answer.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// One field that failed validation.
+#[derive(Debug, Clone, Serialize, ToSchema, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// Stable machine-readable code (CONTRACT §3).
+    pub code: String,
+    /// Present on `validation_failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid token: {0}")]
+    InvalidToken(&'static str),
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    #[error("anonymous users cannot earn ad rewards")]
+    AnonymousUser,
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("profile not found")]
+    ProfileNotFound,
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    #[error("insufficient credits")]
+    InsufficientCredits,
+    #[error("daily ad limit reached")]
+    DailyAdLimitReached { retry_after_seconds: u64 },
+    #[error("idempotency key reused with a different request")]
+    IdempotencyKeyReused,
+    #[error("invalid signature")]
+    InvalidSignature,
+    #[error("payload too large")]
+    PayloadTooLarge { limit_bytes: usize },
+    #[error("rate limited")]
+    RateLimited { retry_after_seconds: u64 },
+    #[error("stripe is not configured")]
+    StripeNotConfigured,
+    #[error("unavailable: {0}")]
+    Unavailable(&'static str),
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    /// A validation error on a single field.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Validation(vec![FieldError::new(field, message)])
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) | Self::AnonymousUser => StatusCode::FORBIDDEN,
+            Self::NotFound(_) | Self::ProfileNotFound => StatusCode::NOT_FOUND,
+            Self::Validation(_) | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InsufficientCredits => StatusCode::PAYMENT_REQUIRED,
+            Self::DailyAdLimitReached { .. } | Self::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::InvalidSignature => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::StripeNotConfigured | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidToken(_) => "invalid_token",
+            Self::Forbidden(_) => "forbidden",
+            Self::AnonymousUser => "anonymous_user",
+            Self::NotFound(_) => "not_found",
+            Self::ProfileNotFound => "profile_not_found",
+            Self::Validation(_) => "validation_failed",
+            Self::InsufficientCredits => "insufficient_credits",
+            Self::DailyAdLimitReached { .. } => "daily_ad_limit_reached",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::InvalidSignature => "invalid_signature",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::StripeNotConfigured => "stripe_not_configured",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Self::InvalidToken(_) => "Invalid or missing access token",
+            Self::Forbidden(_) => "Forbidden",
+            Self::AnonymousUser => "Anonymous users cannot do this",
+            Self::NotFound(_) => "Not found",
+            Self::ProfileNotFound => "Profile not found",
+            Self::Validation(_) => "The request is not valid",
+            Self::InsufficientCredits => "Not enough credits",
+            Self::DailyAdLimitReached { .. } => "Daily ad view limit reached",
+            Self::IdempotencyKeyReused => "Idempotency key already used for another request",
+            Self::InvalidSignature => "Invalid webhook signature",
+            Self::PayloadTooLarge { .. } => "Request body too large",
+            Self::RateLimited { .. } => "Too many requests",
+            Self::StripeNotConfigured => "Payments are not configured",
+            Self::Unavailable(_) => "Service unavailable",
+            Self::Internal(_) => "Internal error",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            Self::InvalidToken(why) => format!("The access token was refused: {why}."),
+            Self::Forbidden(why) => format!("{why}."),
+            Self::AnonymousUser => {
+                "Anonymous sessions cannot earn ad rewards; sign in with an account first."
+                    .to_owned()
+            }
+            Self::NotFound(what) => format!("No {what} matches this request."),
+            Self::ProfileNotFound => "No profile exists for this user.".to_owned(),
+            Self::Validation(errors) => {
+                let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+                format!("Check these fields: {}.", fields.join(", "))
+            }
+            Self::InsufficientCredits => "The balance is too low for this operation.".to_owned(),
+            Self::DailyAdLimitReached { .. } => {
+                "All of today's rewarded ad views are used; the count restarts at midnight UTC."
+                    .to_owned()
+            }
+            Self::IdempotencyKeyReused => {
+                "This Idempotency-Key was already used with a different request; use a new key."
+                    .to_owned()
+            }
+            Self::InvalidSignature => {
+                "The Stripe-Signature header does not match the payload.".to_owned()
+            }
+            Self::PayloadTooLarge { limit_bytes } => {
+                format!("The request body exceeds the limit of {limit_bytes} bytes.")
+            }
+            Self::RateLimited {
+                retry_after_seconds,
+            } => {
+                format!("Slow down; retry in {retry_after_seconds} s.")
+            }
+            Self::StripeNotConfigured => "Stripe is not configured on this server.".to_owned(),
+            Self::Unavailable(why) => format!("{why}; retry shortly."),
+            Self::Internal(_) => "Something went wrong on our side; it has been logged.".to_owned(),
+        }
+    }
+
+    /// The problem document for this error.
+    pub fn problem(&self) -> Problem {
+        Problem {
+            kind: format!(
+                "https://docs.amethyst.ai/problems/{}",
+                self.code().replace('_', "-")
+            ),
+            title: self.title().to_owned(),
+            status: self.status().as_u16(),
+            detail: self.detail(),
+            code: self.code().to_owned(),
+            errors: match self {
+                Self::Validation(errors) => Some(errors.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(cause) = &self {
+            // Logged once, here; the answer says nothing internal.
+            tracing::error!(error = format!("{cause:#}"), "request failed");
+        }
+        let status = self.status();
+        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        match &self {
+            Self::InvalidToken(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+                );
+            }
+            Self::DailyAdLimitReached {
+                retry_after_seconds,
+            }
+            | Self::RateLimited {
+                retry_after_seconds,
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// Database outcomes and their meaning. The SQL functions raise SQLSTATE class `AC` for the
+/// business refusals (see `migrations/*_credit_functions.sql`).
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("AC402") => return Self::InsufficientCredits,
+                Some("AC404") => return Self::ProfileNotFound,
+                Some("AC429") => {
+                    return Self::DailyAdLimitReached {
+                        retry_after_seconds: crate::ads::seconds_until_utc_midnight(
+                            chrono::Utc::now(),
+                        ),
+                    };
+                }
+                // The balance check is the last line of defence behind the functions.
+                Some("23514") if db.constraint() == Some("profiles_credits_non_negative") => {
+                    return Self::InsufficientCredits;
+                }
+                Some("22003") => {
+                    return Self::field("amount", "the resulting balance would be out of range");
+                }
+                _ => {}
+            },
+            sqlx::Error::PoolTimedOut => {
+                tracing::warn!("no database connection became free in time");
+                return Self::Unavailable("the database is busy");
+            }
+            sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                tracing::warn!(error = %err, "database unreachable");
+                return Self::Unavailable("the database is unreachable");
+            }
+            _ => {}
+        }
+        Self::Internal(anyhow::Error::new(err))
+    }
+}
+
+/// The result type of handlers.
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,162 @@
+//! `Idempotency-Key` (CONTRACT §4): the same caller, key and request within 24 h gets the
+//! first answer again and nothing is applied twice, even when the requests race.
+//!
+//! The key is claimed by inserting its row inside the transaction that does the work, and the
+//! answer is written into that row before the commit. A concurrent request with the same key
+//! blocks on the row's unique index until the first commits, then finds the answer and
+//! replays it. If the work fails, the transaction (claim included) rolls back and the next
+//! request with the key runs afresh: only successful answers are stored.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use axum::body::Body;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::Response;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::{ApiError, ApiResult};
+
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The optional `Idempotency-Key` header, 1–255 visible ASCII characters.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(&IDEMPOTENCY_KEY) else {
+            return Ok(IdempotencyKey(None));
+        };
+        let key = value
+            .to_str()
+            .ok()
+            .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+            .ok_or_else(|| {
+                ApiError::field(
+                    "Idempotency-Key",
+                    "must be 1 to 255 visible ASCII characters",
+                )
+            })?;
+        Ok(IdempotencyKey(Some(key.to_owned())))
+    }
+}
+
+/// What makes two requests "the same": method, path and the parsed body.
+pub fn fingerprint(method: &Method, path: &str, document: &serde_json::Value) -> Vec<u8> {
+    let mut hash = Sha256::new();
+    hash.update(method.as_str().as_bytes());
+    hash.update(b" ");
+    hash.update(path.as_bytes());
+    hash.update(b"\n");
+    hash.update(serde_json::to_vec(document).unwrap_or_default());
+    hash.finalize().to_vec()
+}
+
+/// A successful answer, as stored and replayed.
+pub struct Stored {
+    pub status: StatusCode,
+    pub body: Vec<u8>,
+}
+
+impl Stored {
+    pub fn json(status: StatusCode, value: &impl Serialize) -> ApiResult<Self> {
+        let body = serde_json::to_vec(value).map_err(|e| ApiError::Internal(e.into()))?;
+        Ok(Stored { status, body })
+    }
+
+    fn into_response(self, replayed: bool) -> Response {
+        let mut response = Response::new(Body::from(self.body));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if replayed {
+            headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        }
+        response
+    }
+}
+
+/// Work that runs on the connection (inside the claiming transaction when a key is given).
+pub type Work<'c> = Pin<Box<dyn Future<Output = ApiResult<Stored>> + Send + 'c>>;
+
+/// Runs `work` once per (owner, key, request); see the module documentation.
+pub async fn run<F>(
+    pool: &PgPool,
+    owner: &str,
+    key: Option<&str>,
+    request_hash: Vec<u8>,
+    work: F,
+) -> ApiResult<Response>
+where
+    F: for<'c> FnOnce(&'c mut PgConnection) -> Work<'c> + Send,
+{
+    let Some(key) = key else {
+        let mut conn = pool.acquire().await?;
+        return Ok(work(&mut conn).await?.into_response(false));
+    };
+
+    let mut tx = pool.begin().await?;
+    // A record older than 24 h is expired: the key is claimed again as if new.
+    let claimed: Option<i32> = sqlx::query_scalar(
+        "insert into public.idempotency_keys (owner, key, request_hash)
+         values ($1, $2, $3)
+         on conflict (owner, key) do update
+            set request_hash = excluded.request_hash, status_code = null, response_body = null,
+                created_at = now()
+          where public.idempotency_keys.created_at < now() - interval '24 hours'
+         returning 1",
+    )
+    .bind(owner)
+    .bind(key)
+    .bind(&request_hash)
+    .fetch_optional(&mut *tx)
+    .await?;
+
+    if claimed.is_none() {
+        tx.rollback().await?;
+        let (stored_hash, status, body): (Vec<u8>, Option<i16>, Option<Vec<u8>>) = sqlx::query_as(
+            "select request_hash, status_code, response_body
+               from public.idempotency_keys where owner = $1 and key = $2",
+        )
+        .bind(owner)
+        .bind(key)
+        .fetch_one(pool)
+        .await?;
+        if stored_hash != request_hash {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+        let (Some(status), Some(body)) = (status, body) else {
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "idempotency record without an answer"
+            )));
+        };
+        let status =
+            StatusCode::from_u16(status as u16).map_err(|e| ApiError::Internal(e.into()))?;
+        return Ok(Stored { status, body }.into_response(true));
+    }
+
+    let stored = work(&mut tx).await?;
+    sqlx::query(
+        "update public.idempotency_keys set status_code = $3, response_body = $4
+          where owner = $1 and key = $2",
+    )
+    .bind(owner)
+    .bind(key)
+    .bind(stored.status.as_u16() as i16)
+    .bind(&stored.body)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(stored.into_response(false))
+}

@@ -1,0 +1,24 @@
+//! `amethyst-credits`: see `cli.rs` for the verbs.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // A missing .env is normal; a malformed one is reported.
+    if let Err(err) = dotenvy::dotenv()
+        && !err.not_found()
+    {
+        eprintln!("error: could not read .env: {err}");
+        return ExitCode::FAILURE;
+    }
+    let cli = amethyst_credits::cli::Cli::parse();
+    match amethyst_credits::cli::run(cli).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

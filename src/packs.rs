@@ -1,0 +1,194 @@
+//! Credit packs, the catalogue users buy from: `GET /v1/credit-packs` (anyone) and
+//! `PUT /v1/admin/credit-packs/{id}` (admins).
+
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::AdminCaller;
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::extract::{ApiJson, IdPath};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_packs))
+        .routes(routes!(put_pack))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum PackKind {
+    OneTime,
+    Subscription,
+}
+
+/// A pack as the catalogue shows it.
+#[derive(Debug, Serialize, Deserialize, FromRow, ToSchema)]
+pub struct CreditPack {
+    pub id: Uuid,
+    pub name: String,
+    pub credits: i32,
+    pub kind: PackKind,
+    /// Price in the currency's smallest unit (cents).
+    pub unit_amount: i32,
+    /// ISO 4217, lower case.
+    pub currency: String,
+}
+
+/// A pack as admins manage it.
+#[derive(Debug, Serialize, Deserialize, FromRow, ToSchema)]
+pub struct AdminCreditPack {
+    pub id: Uuid,
+    pub name: String,
+    pub credits: i32,
+    pub kind: PackKind,
+    pub stripe_price_id: Option<String>,
+    pub unit_amount: i32,
+    pub currency: String,
+    pub active: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The active packs, cheapest first.
+#[utoipa::path(
+    get,
+    path = "/v1/credit-packs",
+    tag = "credits",
+    responses((status = 200, body = inline(PackList)))
+)]
+pub async fn list_packs(State(state): State<AppState>) -> ApiResult<Json<PackList>> {
+    let items: Vec<CreditPack> = sqlx::query_as(
+        "select id, name, credits, kind, unit_amount, currency
+           from public.credit_packs where active
+          order by unit_amount, credits, id",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(PackList { items }))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PackList {
+    pub items: Vec<CreditPack>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PackRequest {
+    /// 1–100 characters.
+    pub name: String,
+    /// Credits granted per purchase (or per paid invoice for subscriptions), 1–1,000,000.
+    pub credits: i64,
+    pub kind: PackKind,
+    /// The Stripe Price (`price_…`) that Checkout sells this pack with.
+    pub stripe_price_id: Option<String>,
+    /// Price in the smallest currency unit, 0–99,999,999.
+    pub unit_amount: i64,
+    /// Three-letter ISO 4217 code.
+    pub currency: String,
+    pub active: bool,
+}
+
+/// Creates or replaces a pack.
+#[utoipa::path(
+    put,
+    path = "/v1/admin/credit-packs/{id}",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    request_body = PackRequest,
+    responses(
+        (status = 200, body = AdminCreditPack),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn put_pack(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    IdPath(id): IdPath,
+    body: ApiJson<PackRequest>,
+) -> ApiResult<Json<AdminCreditPack>> {
+    let p = body.value;
+    let mut errors = Vec::new();
+    let name = p.name.trim().to_owned();
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        errors.push(FieldError::new("name", "1 to 100 characters"));
+    }
+    if !(1..=1_000_000).contains(&p.credits) {
+        errors.push(FieldError::new(
+            "credits",
+            "must be a whole number from 1 to 1000000",
+        ));
+    }
+    if let Some(price) = &p.stripe_price_id
+        && !(price.starts_with("price_")
+            && price.len() <= 255
+            && price
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    {
+        errors.push(FieldError::new(
+            "stripe_price_id",
+            "must be a Stripe Price id (price_…)",
+        ));
+    }
+    if !(0..=99_999_999).contains(&p.unit_amount) {
+        errors.push(FieldError::new(
+            "unit_amount",
+            "must be a whole number from 0 to 99999999",
+        ));
+    }
+    let currency = p.currency.to_ascii_lowercase();
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
+        errors.push(FieldError::new(
+            "currency",
+            "must be a three-letter ISO 4217 code",
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+
+    let result = sqlx::query_as::<_, AdminCreditPack>(
+        "insert into public.credit_packs (id, name, credits, kind, stripe_price_id, unit_amount, currency, active)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
+         on conflict (id) do update
+            set name = excluded.name, credits = excluded.credits, kind = excluded.kind,
+                stripe_price_id = excluded.stripe_price_id, unit_amount = excluded.unit_amount,
+                currency = excluded.currency, active = excluded.active
+         returning id, name, credits, kind, stripe_price_id, unit_amount, currency, active, created_at, updated_at",
+    )
+    .bind(id)
+    .bind(&name)
+    .bind(p.credits as i32)
+    .bind(p.kind)
+    .bind(&p.stripe_price_id)
+    .bind(p.unit_amount as i32)
+    .bind(&currency)
+    .bind(p.active)
+    .fetch_one(&state.pool)
+    .await;
+    match result {
+        Ok(pack) => Ok(Json(pack)),
+        Err(sqlx::Error::Database(e))
+            if e.constraint() == Some("credit_packs_stripe_price_id_key") =>
+        {
+            Err(ApiError::field(
+                "stripe_price_id",
+                "already used by another pack",
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}

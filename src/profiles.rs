@@ -1,0 +1,259 @@
+//! Profiles: `GET /v1/me` and `PATCH /v1/me`, and the Profile shape admins see too.
+
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use sqlx::FromRow;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::AuthUser;
+use crate::db;
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::extract::ApiJson;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(get_me, patch_me))
+}
+
+/// The columns of [`ProfileRow`], selected from `public.profiles p`. A macro so that it can be
+/// spliced into statement literals with `concat!`.
+#[macro_export]
+macro_rules! profile_columns {
+    () => {
+        "p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin, \
+         p.subscription_status, p.subscription_plan, p.subscription_current_period_end, \
+         case when p.ad_views_date = (now() at time zone 'utc')::date \
+              then p.ad_views_today else 0 end as ad_views_today, \
+         public.ad_daily_limit() as ad_daily_limit, \
+         (now() at time zone 'utc')::date as today, \
+         p.created_at, p.updated_at"
+    };
+}
+
+#[derive(Debug, FromRow)]
+pub struct ProfileRow {
+    pub id: Uuid,
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    pub avatar_url: Option<String>,
+    pub credits: i32,
+    pub is_admin: bool,
+    pub subscription_status: Option<String>,
+    pub subscription_plan: Option<String>,
+    pub subscription_current_period_end: Option<DateTime<Utc>>,
+    pub ad_views_today: i32,
+    pub ad_daily_limit: i32,
+    pub today: NaiveDate,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A user's profile and balance.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Profile {
+    pub id: Uuid,
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    pub avatar_url: Option<String>,
+    /// Current balance in credits.
+    pub credits: i32,
+    pub is_admin: bool,
+    pub subscription: Option<Subscription>,
+    pub ads: AdAllowance,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Subscription {
+    /// Stripe's subscription status (`active`, `past_due`, `canceled`, …).
+    pub status: String,
+    /// The credit pack the subscription is for.
+    pub plan: Option<String>,
+    pub current_period_end: Option<DateTime<Utc>>,
+}
+
+/// Today's rewarded ad views.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AdAllowance {
+    pub views_today: i32,
+    pub daily_limit: i32,
+    pub views_remaining: i32,
+    /// The next midnight UTC, when the count starts again.
+    pub resets_at: DateTime<Utc>,
+}
+
+/// Midnight UTC after `day`.
+pub fn next_midnight(day: NaiveDate) -> DateTime<Utc> {
+    day.succ_opt()
+        .unwrap_or(day)
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight exists")
+        .and_utc()
+}
+
+impl From<ProfileRow> for Profile {
+    fn from(row: ProfileRow) -> Self {
+        Profile {
+            id: row.id,
+            email: row.email,
+            display_name: row.display_name,
+            avatar_url: row.avatar_url,
+            credits: row.credits,
+            is_admin: row.is_admin,
+            subscription: row.subscription_status.map(|status| Subscription {
+                status,
+                plan: row.subscription_plan,
+                current_period_end: row.subscription_current_period_end,
+            }),
+            ads: AdAllowance {
+                views_today: row.ad_views_today,
+                daily_limit: row.ad_daily_limit,
+                views_remaining: (row.ad_daily_limit - row.ad_views_today).max(0),
+                resets_at: next_midnight(row.today),
+            },
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        }
+    }
+}
+
+/// The profile of `id`, read in whatever session `conn` is in.
+pub async fn fetch(conn: &mut sqlx::PgConnection, id: Uuid) -> ApiResult<Option<Profile>> {
+    let row: Option<ProfileRow> = sqlx::query_as(concat!(
+        "select ",
+        profile_columns!(),
+        " from public.profiles p where p.id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(Profile::from))
+}
+
+/// The caller's profile.
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "profile",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Profile),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No profile for this user (`profile_not_found`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Profile>> {
+    let mut tx = db::begin_as_user(&state.pool, &user).await?;
+    let profile = fetch(&mut tx, user.id)
+        .await?
+        .ok_or(ApiError::ProfileNotFound)?;
+    tx.commit().await?;
+    Ok(Json(profile))
+}
+
+/// What a user may change about themselves. A field left out is unchanged; `null` clears it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileUpdate {
+    /// 1–100 characters, or null.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub display_name: Option<Option<String>>,
+    /// An http(s) URL of at most 2048 characters, or null.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub avatar_url: Option<Option<String>>,
+}
+
+/// Tells "absent" (outer `None`) from "null" (`Some(None)`).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+impl ProfileUpdate {
+    fn check(self) -> Result<(Option<Option<String>>, Option<Option<String>>), ApiError> {
+        let mut errors = Vec::new();
+        let display_name = self.display_name.map(|v| {
+            v.map(|s| s.trim().to_owned()).filter(|s| {
+                let n = s.chars().count();
+                if n > 100 {
+                    errors.push(FieldError::new("display_name", "at most 100 characters"));
+                }
+                if s.chars().any(char::is_control) {
+                    errors.push(FieldError::new(
+                        "display_name",
+                        "must not contain control characters",
+                    ));
+                }
+                n > 0
+            })
+        });
+        let avatar_url = self.avatar_url.map(|v| {
+            v.inspect(|s| {
+                let scheme_ok = s.starts_with("https://") || s.starts_with("http://");
+                if !scheme_ok
+                    || s.len() > 2048
+                    || s.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    errors.push(FieldError::new(
+                        "avatar_url",
+                        "must be an http(s) URL of at most 2048 characters",
+                    ));
+                }
+            })
+        });
+        if errors.is_empty() {
+            Ok((display_name, avatar_url))
+        } else {
+            Err(ApiError::Validation(errors))
+        }
+    }
+}
+
+/// Changes the caller's display name or avatar. Other fields are not the user's to change.
+#[utoipa::path(
+    patch,
+    path = "/v1/me",
+    tag = "profile",
+    security(("bearer" = [])),
+    request_body = ProfileUpdate,
+    responses(
+        (status = 200, body = Profile),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid or unknown field (`validation_failed`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn patch_me(
+    State(state): State<AppState>,
+    user: AuthUser,
+    body: ApiJson<ProfileUpdate>,
+) -> ApiResult<Json<Profile>> {
+    let (display_name, avatar_url) = body.value.check()?;
+    let mut tx = db::begin_as_user(&state.pool, &user).await?;
+    // Runs as the user: RLS and the column privileges are what allow this update.
+    let row: Option<ProfileRow> = sqlx::query_as(concat!(
+        "update public.profiles p
+            set display_name = case when $2 then $3 else p.display_name end,
+                avatar_url = case when $4 then $5 else p.avatar_url end
+          where p.id = $1
+         returning ",
+        profile_columns!()
+    ))
+    .bind(user.id)
+    .bind(display_name.is_some())
+    .bind(display_name.flatten())
+    .bind(avatar_url.is_some())
+    .bind(avatar_url.flatten())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let profile = row.map(Profile::from).ok_or(ApiError::ProfileNotFound)?;
+    tx.commit().await?;
+    Ok(Json(profile))
+}

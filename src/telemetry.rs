@@ -1,0 +1,146 @@
+//! Logs and metrics. Logs never carry tokens, emails, secrets or bodies; every request span
+//! carries its request id.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::app::AppState;
+use crate::config::LogFormat;
+
+/// Installs the log subscriber (`RUST_LOG` filters; default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("http_request_duration_seconds".to_owned()),
+                    &[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0,
+                    ],
+                )
+                .expect("bucket list is not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "http_requests_total",
+        "HTTP requests answered, by method, route and status."
+    );
+    describe_histogram!(
+        "http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by method and route."
+    );
+    describe_counter!(
+        "http_rate_limited_total",
+        "Requests refused by the per-caller rate limit."
+    );
+    describe_gauge!(
+        "db_pool_connections",
+        "Database pool connections, by state (idle, in_use)."
+    );
+    describe_gauge!(
+        "db_pool_max_connections",
+        "Largest size the database pool may grow to."
+    );
+    describe_counter!(
+        "credits_granted_total",
+        "Credits added to balances, by source."
+    );
+    describe_counter!(
+        "credits_spent_total",
+        "Credits taken from balances, by source."
+    );
+    describe_counter!(
+        "ad_views_total",
+        "Rewarded ad views, by outcome (accepted, refused)."
+    );
+}
+
+/// Counts and times every request by its route template (never the raw path, whose ids
+/// would make one series per user).
+pub async fn track_requests(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Credits added to a balance, for the dashboard.
+pub fn credits_granted(source: &'static str, amount: i64) {
+    if amount > 0 {
+        metrics::counter!("credits_granted_total", "source" => source).increment(amount as u64);
+    }
+}
+
+/// Credits taken from a balance.
+pub fn credits_spent(source: &'static str, amount: i64) {
+    if amount > 0 {
+        metrics::counter!("credits_spent_total", "source" => source).increment(amount as u64);
+    }
+}
+
+/// `GET /metrics`
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String))
+)]
+pub async fn metrics_endpoint(State(state): State<AppState>) -> impl IntoResponse {
+    let size = state.pool.size();
+    let idle = state.pool.num_idle() as u32;
+    metrics::gauge!("db_pool_connections", "state" => "idle").set(f64::from(idle));
+    metrics::gauge!("db_pool_connections", "state" => "in_use")
+        .set(f64::from(size.saturating_sub(idle)));
+    metrics::gauge!("db_pool_max_connections")
+        .set(f64::from(state.pool.options().get_max_connections()));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+}

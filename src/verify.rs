@@ -1,0 +1,226 @@
+//! `verify`: the source document's post-migration checks (functions, triggers, RLS on every
+//! public table), the privileges that keep balances out of users' reach, and the ledger
+//! invariant of CONTRACT §5, naming every user it does not hold for.
+
+use std::fmt;
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// One check and what it found.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    /// What failed (one line per finding), empty when passed.
+    pub findings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+
+    fn add(&mut self, name: &str, findings: Vec<String>) {
+        self.checks.push(Check {
+            name: name.to_owned(),
+            passed: findings.is_empty(),
+            findings,
+        });
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for check in &self.checks {
+            writeln!(
+                f,
+                "{} {}",
+                if check.passed { "ok  " } else { "FAIL" },
+                check.name
+            )?;
+            for finding in &check.findings {
+                writeln!(f, "       {finding}")?;
+            }
+        }
+        let failed = self.checks.iter().filter(|c| !c.passed).count();
+        if failed == 0 {
+            write!(f, "all {} checks passed", self.checks.len())
+        } else {
+            write!(f, "{failed} of {} checks failed", self.checks.len())
+        }
+    }
+}
+
+/// Functions the service and the source document rely on.
+const REQUIRED_FUNCTIONS: &[&str] = &[
+    "is_admin",
+    "add_credits",
+    "spend_credits",
+    "handle_ad_view",
+    "create_profile_on_signup",
+];
+
+/// Functions that change balances: never executable by anon, authenticated or PUBLIC.
+const BALANCE_FUNCTIONS: &[&str] = &["add_credits", "spend_credits", "handle_ad_view"];
+
+/// Runs every check.
+pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
+    let mut report = Report::default();
+
+    // Seed §"Vérification des Fonctions", plus how they are declared.
+    let functions: Vec<(String, bool, bool)> = sqlx::query_as(
+        "select p.proname::text, p.prosecdef,
+                coalesce('search_path=\"\"' = any (p.proconfig), false)
+           from pg_proc p
+          where p.pronamespace = 'public'::regnamespace and p.proname = any ($1)",
+    )
+    .bind(REQUIRED_FUNCTIONS)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut findings = Vec::new();
+    for name in REQUIRED_FUNCTIONS {
+        match functions.iter().find(|f| f.0 == *name) {
+            None => findings.push(format!("public.{name} is missing")),
+            Some((_, false, _)) => findings.push(format!("public.{name} is not SECURITY DEFINER")),
+            Some((_, _, false)) => {
+                findings.push(format!("public.{name} does not pin search_path to ''"))
+            }
+            _ => {}
+        }
+    }
+    report.add(
+        "functions exist, are SECURITY DEFINER and pin search_path",
+        findings,
+    );
+
+    let exposed: Vec<(String, String)> = sqlx::query_as(
+        "select p.proname::text, r.rolname::text
+           from pg_proc p
+          cross join (values ('anon'), ('authenticated'), ('public')) as r(rolname)
+          where p.pronamespace = 'public'::regnamespace and p.proname = any ($1)
+            and case when r.rolname = 'public'
+                     then exists (select 1 from aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                                   where a.grantee = 0 and a.privilege_type = 'EXECUTE')
+                     else has_function_privilege(r.rolname, p.oid, 'EXECUTE') end
+          order by 1, 2",
+    )
+    .bind(BALANCE_FUNCTIONS)
+    .fetch_all(&mut *conn)
+    .await?;
+    report.add(
+        "balance-changing functions are not executable by anon, authenticated or PUBLIC",
+        exposed
+            .into_iter()
+            .map(|(f, r)| format!("public.{f} is executable by {r}"))
+            .collect(),
+    );
+
+    // Seed §"Vérification des Triggers" and §"Erreur de création de profil".
+    let trigger: Option<String> = sqlx::query_scalar(
+        "select tgenabled::text from pg_trigger
+          where tgname = 'on_auth_user_created' and tgrelid = 'auth.users'::regclass and not tgisinternal",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    report.add(
+        "trigger on_auth_user_created is on auth.users and enabled",
+        match trigger.as_deref() {
+            None => vec!["the trigger is missing".to_owned()],
+            Some("D") => vec!["the trigger is disabled".to_owned()],
+            Some(_) => vec![],
+        },
+    );
+
+    let missing_profiles: Vec<Uuid> = sqlx::query_scalar(
+        "select u.id from auth.users u
+          where not exists (select 1 from public.profiles p where p.id = u.id)
+          order by u.created_at limit 100",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    report.add(
+        "every auth user has a profile",
+        missing_profiles
+            .into_iter()
+            .map(|id| format!("user {id} has no profile"))
+            .collect(),
+    );
+
+    // Seed §"Vérification RLS".
+    let without_rls: Vec<String> = sqlx::query_scalar(
+        "select tablename::text from pg_tables where schemaname = 'public' and not rowsecurity order by 1",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    report.add(
+        "row level security is enabled on every public table",
+        without_rls
+            .into_iter()
+            .map(|t| format!("public.{t} has RLS disabled"))
+            .collect(),
+    );
+
+    // Users may change their display name and avatar, nothing else.
+    let writable: Vec<(String, String)> = sqlx::query_as(
+        "select c.table_name::text, c.column_name::text
+           from information_schema.columns c
+          where c.table_schema = 'public'
+            and c.table_name in ('profiles', 'credit_transactions', 'ad_views', 'credit_packs', 'idempotency_keys')
+            and (has_column_privilege('authenticated', format('public.%I', c.table_name), c.column_name, 'UPDATE')
+                 or has_column_privilege('authenticated', format('public.%I', c.table_name), c.column_name, 'INSERT')
+                 or has_column_privilege('anon', format('public.%I', c.table_name), c.column_name, 'UPDATE')
+                 or has_column_privilege('anon', format('public.%I', c.table_name), c.column_name, 'INSERT'))
+            and not (c.table_name = 'profiles' and c.column_name in ('display_name', 'avatar_url'))
+          order by 1, 2",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    report.add(
+        "users cannot write balances, ledgers or money-like columns",
+        writable
+            .into_iter()
+            .map(|(t, c)| format!("public.{t}.{c} is writable by users"))
+            .collect(),
+    );
+
+    // CONTRACT §5: credits = sum(amount) = newest balance_after, for every profile.
+    let broken: Vec<(Uuid, i32, i64, Option<i32>)> = sqlx::query_as(
+        "with totals as (
+           select user_id, sum(amount)::bigint as total from public.credit_transactions group by user_id
+         ),
+         newest as (
+           select distinct on (user_id) user_id, balance_after
+             from public.credit_transactions order by user_id, seq desc
+         )
+         select p.id, p.credits, coalesce(t.total, 0), n.balance_after
+           from public.profiles p
+           left join totals t on t.user_id = p.id
+           left join newest n on n.user_id = p.id
+          where p.credits <> coalesce(t.total, 0)
+             or p.credits <> coalesce(n.balance_after, 0)
+          order by p.id
+          limit 1000",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    report.add(
+        "ledger: every balance equals the sum of its transactions and the newest balance_after",
+        broken
+            .into_iter()
+            .map(|(id, credits, total, newest)| {
+                format!(
+                    "user {id}: balance {credits}, sum of transactions {total}, newest balance_after {}",
+                    newest.map_or("none".to_owned(), |b| b.to_string())
+                )
+            })
+            .collect(),
+    );
+
+    Ok(report)
+}

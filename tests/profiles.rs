@@ -1,0 +1,181 @@
+mod common;
+
+use common::TestApp;
+use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+#[sqlx::test]
+async fn signing_up_creates_a_profile_with_no_credits(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app
+        .user_with_meta(
+            json!({"full_name": "Ada Lovelace", "avatar_url": "https://img.example/a.png"}),
+        )
+        .await;
+
+    let me = app.get("/v1/me", Some(&user.token)).await;
+
+    assert_eq!(me.status, 200, "{:?}", me.body);
+    assert_eq!(me.body["id"], user.id.to_string());
+    assert_eq!(me.body["email"], user.email);
+    assert_eq!(me.body["display_name"], "Ada Lovelace");
+    assert_eq!(me.body["avatar_url"], "https://img.example/a.png");
+    assert_eq!(me.body["credits"], 0);
+    assert_eq!(me.body["is_admin"], false);
+    assert_eq!(me.body["subscription"], serde_json::Value::Null);
+    assert_eq!(me.body["ads"]["views_today"], 0);
+    assert_eq!(me.body["ads"]["daily_limit"], 10);
+    assert_eq!(me.body["ads"]["views_remaining"], 10);
+    let resets_at = me.body["ads"]["resets_at"].as_str().unwrap();
+    assert!(resets_at.ends_with("T00:00:00Z"), "{resets_at}");
+}
+
+#[sqlx::test]
+async fn a_user_without_a_profile_gets_profile_not_found(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let stranger = common::user_token(uuid::Uuid::new_v4(), "ghost@example.com");
+
+    let me = app.get("/v1/me", Some(&stranger)).await;
+
+    assert_eq!(me.status, 404);
+    assert_eq!(me.code(), "profile_not_found");
+}
+
+#[sqlx::test]
+async fn users_change_their_display_name_and_avatar(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+
+    let patched = app
+        .send(common::request(
+            axum::http::Method::PATCH,
+            "/v1/me",
+            Some(&user.token),
+            Some(
+                json!({"display_name": "  Grace  ", "avatar_url": "https://cdn.example/g.webp"})
+                    .to_string(),
+            ),
+            &[],
+        ))
+        .await;
+    assert_eq!(patched.status, 200, "{:?}", patched.body);
+    assert_eq!(patched.body["display_name"], "Grace");
+    assert_eq!(patched.body["avatar_url"], "https://cdn.example/g.webp");
+
+    // Leaving a field out keeps it; null clears it.
+    let cleared = app
+        .send(common::request(
+            axum::http::Method::PATCH,
+            "/v1/me",
+            Some(&user.token),
+            Some(json!({"avatar_url": null}).to_string()),
+            &[],
+        ))
+        .await;
+    assert_eq!(cleared.status, 200);
+    assert_eq!(cleared.body["display_name"], "Grace");
+    assert_eq!(cleared.body["avatar_url"], serde_json::Value::Null);
+}
+
+#[sqlx::test]
+async fn users_cannot_patch_their_balance_or_admin_flag(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+
+    for body in [
+        json!({"credits": 1000}),
+        json!({"is_admin": true}),
+        json!({"display_name": "x", "credits": 5}),
+    ] {
+        let response = app
+            .send(common::request(
+                axum::http::Method::PATCH,
+                "/v1/me",
+                Some(&user.token),
+                Some(body.to_string()),
+                &[],
+            ))
+            .await;
+        assert_eq!(response.status, 422, "{body}");
+        assert_eq!(response.code(), "validation_failed");
+    }
+    assert_eq!(app.balance(user.id).await, 0);
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["is_admin"], false);
+    assert_eq!(me.body["display_name"], serde_json::Value::Null);
+}
+
+#[sqlx::test]
+async fn profiles_of_users_who_signed_up_earlier_are_backfilled(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    // A user who exists without a profile, as before the migrations ran.
+    let id = uuid::Uuid::new_v4();
+    sqlx::query("alter table auth.users disable trigger on_auth_user_created")
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    sqlx::query("insert into auth.users (id, email) values ($1, 'early@example.com')")
+        .bind(id)
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    sqlx::query("alter table auth.users enable trigger on_auth_user_created")
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    assert_eq!(
+        app.count("select count(*) from public.profiles where id = $1", id)
+            .await,
+        0
+    );
+
+    // The backfill statement of the migration, run again.
+    let migration = amethyst_credits::MIGRATOR
+        .iter()
+        .find(|m| m.description.contains("credit functions"))
+        .unwrap();
+    let backfill = migration
+        .sql
+        .split("-- Users who signed up before this migration get their profile now.")
+        .nth(1)
+        .unwrap();
+    let backfill = backfill.split(';').next().unwrap();
+    sqlx::query(backfill).execute(&app.owner).await.unwrap();
+
+    assert_eq!(
+        app.count("select count(*) from public.profiles where id = $1", id)
+            .await,
+        1
+    );
+}
+
+#[sqlx::test]
+async fn an_email_change_in_auth_reaches_the_profile(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    sqlx::query("update auth.users set email = 'new@example.com' where id = $1")
+        .bind(user.id)
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["email"], "new@example.com");
+}
