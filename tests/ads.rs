@@ -1,0 +1,236 @@
+mod common;
+
+use common::{TestApp, all_at_once, test_config};
+use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::sync::Arc;
+
+#[sqlx::test]
+async fn the_reward_follows_the_watched_seconds_at_every_boundary(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+
+    let mut balance = 0;
+    for (seconds, reward) in [(0, 0), (14, 0), (15, 1), (29, 1), (30, 2), (86_400, 2)] {
+        let view = app
+            .post(
+                "/v1/ads/views",
+                Some(&user.token),
+                json!({"duration_seconds": seconds}),
+            )
+            .await;
+        balance += reward;
+        assert_eq!(view.status, 201, "{seconds} s: {:?}", view.body);
+        assert_eq!(view.body["credits_awarded"], reward, "{seconds} s");
+        assert_eq!(view.body["duration_seconds"], seconds);
+        assert_eq!(view.body["balance"], balance, "{seconds} s");
+    }
+    assert_eq!(app.balance(user.id).await, balance);
+    // Every view is recorded; only rewarded ones reach the ledger.
+    assert_eq!(
+        app.count(
+            "select count(*) from public.ad_views where user_id = $1",
+            user.id
+        )
+        .await,
+        6
+    );
+    assert_eq!(
+        app.count("select count(*) from public.credit_transactions where user_id = $1 and source = 'ad_view'", user.id).await,
+        4
+    );
+}
+
+#[sqlx::test]
+async fn the_eleventh_ad_view_of_the_day_is_refused_with_retry_after(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+
+    for n in 1..=10 {
+        let view = app
+            .post(
+                "/v1/ads/views",
+                Some(&user.token),
+                json!({"duration_seconds": 30, "provider": "admob", "ad_unit_id": "unit-1"}),
+            )
+            .await;
+        assert_eq!(view.status, 201);
+        assert_eq!(view.body["views_today"], n);
+        assert_eq!(view.body["views_remaining"], 10 - n);
+    }
+    let eleventh = app
+        .post(
+            "/v1/ads/views",
+            Some(&user.token),
+            json!({"duration_seconds": 30}),
+        )
+        .await;
+
+    assert_eq!(eleventh.status, 429);
+    assert_eq!(eleventh.code(), "daily_ad_limit_reached");
+    let retry_after: u64 = eleventh.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=86_400).contains(&retry_after), "{retry_after}");
+    assert_eq!(app.balance(user.id).await, 20);
+    assert_eq!(
+        app.count(
+            "select count(*) from public.ad_views where user_id = $1",
+            user.id
+        )
+        .await,
+        10
+    );
+
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["ads"]["views_today"], 10);
+    assert_eq!(me.body["ads"]["views_remaining"], 0);
+}
+
+#[sqlx::test]
+async fn yesterdays_views_do_not_count_today(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    sqlx::query(
+        "update public.profiles set ad_views_today = 10,
+                ad_views_date = (now() at time zone 'utc')::date - 1 where id = $1",
+    )
+    .bind(user.id)
+    .execute(&app.owner)
+    .await
+    .unwrap();
+
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["ads"]["views_today"], 0);
+    let view = app
+        .post(
+            "/v1/ads/views",
+            Some(&user.token),
+            json!({"duration_seconds": 20}),
+        )
+        .await;
+    assert_eq!(view.status, 201);
+    assert_eq!(view.body["views_today"], 1);
+}
+
+#[sqlx::test]
+async fn thirty_concurrent_views_pay_exactly_ten(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let server = Arc::new(app.serve());
+    let token = Arc::new(user.token.clone());
+
+    let results = all_at_once(30, |_| {
+        let server = server.clone();
+        let token = token.clone();
+        async move {
+            server
+                .post(
+                    "/v1/ads/views",
+                    &token,
+                    None,
+                    &json!({"duration_seconds": 45}),
+                )
+                .await
+        }
+    })
+    .await;
+
+    let accepted = results.iter().filter(|(s, _)| *s == 201).count();
+    let refused = results
+        .iter()
+        .filter(|(s, b)| *s == 429 && b["code"] == "daily_ad_limit_reached")
+        .count();
+    assert_eq!((accepted, refused), (10, 20), "{results:?}");
+    assert_eq!(app.balance(user.id).await, 20);
+    assert_eq!(
+        app.count(
+            "select count(*) from public.ad_views where user_id = $1",
+            user.id
+        )
+        .await,
+        10
+    );
+}
+
+#[sqlx::test]
+async fn anonymous_sessions_earn_no_rewards_unless_allowed(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect.clone()).await;
+    let user = app.user().await;
+    let mut claims = common::user_claims(user.id, "");
+    claims["is_anonymous"] = json!(true);
+    let anonymous = common::sign_hs256(&claims, common::SECRET);
+
+    let refused = app
+        .post(
+            "/v1/ads/views",
+            Some(&anonymous),
+            json!({"duration_seconds": 30}),
+        )
+        .await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.code(), "anonymous_user");
+    assert_eq!(app.balance(user.id).await, 0);
+    // Reading is fine.
+    assert_eq!(app.get("/v1/me", Some(&anonymous)).await.status, 200);
+
+    let mut config = test_config();
+    config.allow_anonymous_rewards = true;
+    let permissive = TestApp::with_config(connect, config).await;
+    let allowed = permissive
+        .post(
+            "/v1/ads/views",
+            Some(&anonymous),
+            json!({"duration_seconds": 30}),
+        )
+        .await;
+    assert_eq!(allowed.status, 201);
+    assert_eq!(permissive.balance(user.id).await, 2);
+}
+
+#[sqlx::test]
+async fn a_replayed_ad_view_is_counted_once(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+
+    let first = app
+        .post_with_key(
+            "/v1/ads/views",
+            &user.token,
+            "view-1",
+            json!({"duration_seconds": 31}),
+        )
+        .await;
+    let again = app
+        .post_with_key(
+            "/v1/ads/views",
+            &user.token,
+            "view-1",
+            json!({"duration_seconds": 31}),
+        )
+        .await;
+
+    assert_eq!(first.status, 201);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body, first.body);
+    assert_eq!(
+        app.count(
+            "select count(*) from public.ad_views where user_id = $1",
+            user.id
+        )
+        .await,
+        1
+    );
+    assert_eq!(app.balance(user.id).await, 2);
+}

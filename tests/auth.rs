@@ -1,0 +1,425 @@
+//! The token matrix of CONTRACT §2, with a local JWKS server publishing the project's key.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use amethyst_credits::Config;
+use axum::http::StatusCode;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::{ISSUER, SECRET, TestApp, sign_hs256, user_claims};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use uuid::Uuid;
+
+const KID: &str = "test-es256-key";
+const JWKS_PATH: &str = "/auth/v1/.well-known/jwks.json";
+
+/// A local stand-in for Supabase Auth's JWKS endpoint; counts how often it is fetched.
+struct JwksServer {
+    url: String,
+    fetches: Arc<AtomicUsize>,
+}
+
+async fn jwks_server() -> JwksServer {
+    let jwk: Value = serde_json::from_str(include_str!("fixtures/es256_public.jwk.json")).unwrap();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counter = fetches.clone();
+    let router = axum::Router::new().route(
+        JWKS_PATH,
+        axum::routing::get(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let body =
+                json!({"keys": [jwk.clone(), {"kty": "oct", "k": "c2VjcmV0", "kid": "symmetric"}]});
+            async move { axum::Json(body) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    JwksServer { url, fetches }
+}
+
+async fn app_with_jwks(connect: PgConnectOptions, jwks: &JwksServer) -> TestApp {
+    let jwks_url = format!("{}{JWKS_PATH}", jwks.url);
+    let mut config = Config::from_lookup(|name| match name {
+        "SUPABASE_JWT_SECRET" => Some(SECRET.to_owned()),
+        "SUPABASE_JWKS_URL" => Some(jwks_url.clone()),
+        "JWT_ISSUER" => Some(ISSUER.to_owned()),
+        "RATE_LIMIT_PER_MINUTE" => Some("0".to_owned()),
+        _ => None,
+    })
+    .unwrap();
+    config.database_max_connections = 5;
+    TestApp::with_config(connect, config).await
+}
+
+fn sign_es256(claims: &Value, kid: &str, pem: &[u8]) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_ec_pem(pem).unwrap()).unwrap()
+}
+
+fn project_key() -> &'static [u8] {
+    include_bytes!("fixtures/es256_private.pem")
+}
+
+fn unsigned(header: Value, claims: &Value) -> String {
+    format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    )
+}
+
+fn with(claims: &Value, changes: Value) -> Value {
+    let mut c = claims.clone();
+    for (k, v) in changes.as_object().unwrap() {
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    c
+}
+
+#[sqlx::test]
+async fn the_token_matrix_on_a_user_route(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let _ = pool;
+    let jwks = jwks_server().await;
+    let app = app_with_jwks(connect, &jwks).await;
+    let user = app.user().await;
+    let claims = user_claims(user.id, &user.email);
+    let now = chrono::Utc::now().timestamp();
+
+    let mut hs256_with_ec_public_key = Header::new(Algorithm::HS256);
+    hs256_with_ec_public_key.kid = Some(KID.to_owned());
+    let hs256_with_ec_public_key = jsonwebtoken::encode(
+        &hs256_with_ec_public_key,
+        &claims,
+        &EncodingKey::from_secret(include_bytes!("fixtures/es256_public.pem")),
+    )
+    .unwrap();
+
+    let cases: Vec<(&str, Option<String>, StatusCode)> = vec![
+        (
+            "valid HS256",
+            Some(sign_hs256(&claims, SECRET)),
+            StatusCode::OK,
+        ),
+        (
+            "valid ES256 from the JWKS",
+            Some(sign_es256(&claims, KID, project_key())),
+            StatusCode::OK,
+        ),
+        (
+            "aud given as a list",
+            Some(sign_hs256(
+                &with(&claims, json!({"aud": ["x", "authenticated"]})),
+                SECRET,
+            )),
+            StatusCode::OK,
+        ),
+        (
+            "expired within the leeway",
+            Some(sign_hs256(&with(&claims, json!({"exp": now - 30})), SECRET)),
+            StatusCode::OK,
+        ),
+        (
+            "expired",
+            Some(sign_hs256(
+                &with(&claims, json!({"exp": now - 120})),
+                SECRET,
+            )),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "exp as a string",
+            Some(sign_hs256(
+                &with(&claims, json!({"exp": (now + 3600).to_string()})),
+                SECRET,
+            )),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "no exp",
+            Some(sign_hs256(&with(&claims, json!({"exp": null})), SECRET)),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "not yet valid",
+            Some(sign_hs256(
+                &with(&claims, json!({"nbf": now + 600})),
+                SECRET,
+            )),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "wrong aud",
+            Some(sign_hs256(
+                &with(&claims, json!({"aud": "someone-else"})),
+                SECRET,
+            )),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "no aud",
+            Some(sign_hs256(&with(&claims, json!({"aud": null})), SECRET)),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "wrong iss",
+            Some(sign_hs256(
+                &with(&claims, json!({"iss": "https://evil.example/auth/v1"})),
+                SECRET,
+            )),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "wrong secret",
+            Some(sign_hs256(
+                &claims,
+                "another-secret-that-is-also-32-characters",
+            )),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "alg none",
+            Some(unsigned(json!({"alg": "none", "typ": "JWT"}), &claims)),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "HS256 signed with the EC public key",
+            Some(hs256_with_ec_public_key),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "ES256 with an unknown kid",
+            Some(sign_es256(&claims, "unknown-kid", project_key())),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "ES256 signed by a key not in the set",
+            Some(sign_es256(
+                &claims,
+                KID,
+                include_bytes!("fixtures/es256_other_private.pem"),
+            )),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "ES256 token naming a symmetric JWKS key",
+            Some(sign_es256(&claims, "symmetric", project_key())),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "sub that is not a UUID",
+            Some(sign_hs256(&with(&claims, json!({"sub": "admin"})), SECRET)),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "garbage",
+            Some("not.a.jwt".to_owned()),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "the anon key",
+            Some(common::anon_key()),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "a user-shaped anon token",
+            Some(sign_hs256(&with(&claims, json!({"role": "anon"})), SECRET)),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "the service_role key",
+            Some(common::service_role_key()),
+            StatusCode::FORBIDDEN,
+        ),
+        ("no token", None, StatusCode::UNAUTHORIZED),
+    ];
+
+    for (name, token, expected) in cases {
+        let response = app.get("/v1/me", token.as_deref()).await;
+        assert_eq!(response.status, expected, "{name}: {:?}", response.body);
+        if expected == StatusCode::UNAUTHORIZED {
+            assert_eq!(response.code(), "invalid_token", "{name}");
+            assert_eq!(
+                response.headers["www-authenticate"], r#"Bearer error="invalid_token""#,
+                "{name}"
+            );
+            assert_eq!(
+                response.headers["content-type"], "application/problem+json",
+                "{name}"
+            );
+        }
+        if expected == StatusCode::FORBIDDEN {
+            assert_eq!(response.code(), "forbidden", "{name}");
+        }
+    }
+}
+
+#[sqlx::test]
+async fn malformed_authorization_headers_are_unauthorized(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    for header in [
+        format!("Basic {}", user.token),
+        "Bearer".to_owned(),
+        "Bearer    ".to_owned(),
+        user.token.clone(),
+    ] {
+        let response = app
+            .send(common::request(
+                axum::http::Method::GET,
+                "/v1/me",
+                None,
+                None,
+                &[("authorization", header.as_str())],
+            ))
+            .await;
+        assert_eq!(response.status, 401, "{header}");
+    }
+}
+
+#[sqlx::test]
+async fn an_unknown_kid_refetches_the_jwks_at_most_once_per_cooldown(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let jwks = jwks_server().await;
+    let app = app_with_jwks(connect, &jwks).await;
+    let user = app.user().await;
+    let claims = user_claims(user.id, &user.email);
+
+    assert_eq!(
+        app.get("/v1/me", Some(&sign_es256(&claims, KID, project_key())))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        app.get("/v1/me", Some(&sign_es256(&claims, KID, project_key())))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        1,
+        "known keys are cached"
+    );
+
+    for i in 0..5 {
+        let forged = sign_es256(&claims, &format!("made-up-{i}"), project_key());
+        assert_eq!(app.get("/v1/me", Some(&forged)).await.status, 401);
+    }
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        1,
+        "unknown kids within the cooldown fetch nothing"
+    );
+}
+
+#[sqlx::test]
+async fn admin_routes_take_the_service_role_key_or_an_admin(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let admin = app.admin().await;
+    let path = format!("/v1/admin/users/{}", user.id);
+
+    assert_eq!(app.get(&path, Some(&user.token)).await.status, 403);
+    assert_eq!(app.get(&path, Some(&user.token)).await.code(), "forbidden");
+    assert_eq!(app.get(&path, Some(&admin.token)).await.status, 200);
+    assert_eq!(
+        app.get(&path, Some(&common::service_role_key()))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.get(&path, Some(&common::anon_key())).await.status, 401);
+    assert_eq!(app.get(&path, None).await.status, 401);
+
+    // A service_role token shaped like a user token is accepted too.
+    let mut claims = user_claims(Uuid::new_v4(), "");
+    claims["role"] = json!("service_role");
+    assert_eq!(
+        app.get(&path, Some(&sign_hs256(&claims, SECRET)))
+            .await
+            .status,
+        200
+    );
+
+    // A legacy-shaped key with another role is not a service key.
+    let now = chrono::Utc::now().timestamp();
+    let odd = sign_hs256(
+        &json!({"iss": "supabase", "role": "authenticated", "iat": now, "exp": now + 60}),
+        SECRET,
+    );
+    assert_eq!(app.get(&path, Some(&odd)).await.status, 401);
+
+    // Revoking admin takes effect at once.
+    sqlx::query("update public.profiles set is_admin = false where id = $1")
+        .bind(admin.id)
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    assert_eq!(app.get(&path, Some(&admin.token)).await.status, 403);
+}
+
+#[sqlx::test]
+async fn the_public_catalogue_ignores_whatever_token_comes_with_it(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    assert_eq!(app.get("/v1/credit-packs", None).await.status, 200);
+    // supabase-js sends the anon key when nobody is signed in.
+    assert_eq!(
+        app.get("/v1/credit-packs", Some(&common::anon_key()))
+            .await
+            .status,
+        200
+    );
+}
+
+#[sqlx::test]
+async fn without_a_secret_hs256_tokens_are_refused(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let _ = pool;
+    let jwks = jwks_server().await;
+    let jwks_url = format!("{}{JWKS_PATH}", jwks.url);
+    let config = Config::from_lookup(|name| match name {
+        "SUPABASE_JWKS_URL" => Some(jwks_url.clone()),
+        "JWT_ISSUER" => Some(ISSUER.to_owned()),
+        _ => None,
+    })
+    .unwrap();
+    let app = TestApp::with_config(connect, config).await;
+    let user = app.user().await;
+    let claims = user_claims(user.id, &user.email);
+
+    assert_eq!(
+        app.get("/v1/me", Some(&sign_hs256(&claims, SECRET)))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        app.get("/v1/me", Some(&sign_es256(&claims, KID, project_key())))
+            .await
+            .status,
+        200
+    );
+}
