@@ -72,8 +72,14 @@ pub async fn search_users(
         .email
         .map(|e| e.trim().to_lowercase())
         .filter(|e| !e.is_empty());
-    if email.as_ref().is_some_and(|e| e.chars().count() > 320) {
-        return Err(ApiError::field("email", "at most 320 characters"));
+    if email
+        .as_ref()
+        .is_some_and(|e| e.chars().count() > 320 || e.chars().any(char::is_control))
+    {
+        return Err(ApiError::field(
+            "email",
+            "at most 320 characters, no control characters",
+        ));
     }
     // The cursor holds the last row's (created_at, id).
     let after: Option<(DateTime<Utc>, Uuid)> = match &page.cursor {

@@ -165,20 +165,23 @@ pub struct ProfileUpdate {
     /// 1–100 characters, or null.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
-    pub display_name: Option<Option<String>>,
+    pub display_name: Change,
     /// An http(s) URL of at most 2048 characters, or null.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
-    pub avatar_url: Option<Option<String>>,
+    pub avatar_url: Change,
 }
 
+/// A field of a partial update: `None` leaves it, `Some(None)` clears it, `Some(Some(v))` sets it.
+type Change = Option<Option<String>>;
+
 /// Tells "absent" (outer `None`) from "null" (`Some(None)`).
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Change, D::Error> {
     Option::<String>::deserialize(d).map(Some)
 }
 
 impl ProfileUpdate {
-    fn check(self) -> Result<(Option<Option<String>>, Option<Option<String>>), ApiError> {
+    fn check(self) -> Result<(Change, Change), ApiError> {
         let mut errors = Vec::new();
         let display_name = self.display_name.map(|v| {
             v.map(|s| s.trim().to_owned()).filter(|s| {

@@ -1,0 +1,331 @@
+//! Health, readiness, metrics, the OpenAPI document, limits, and the binary's life cycle.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use axum::http::Method;
+use common::{TestApp, request, test_config};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+#[sqlx::test]
+async fn health_and_readiness(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::new(pool, connect).await;
+
+    let health = app.get("/health", None).await;
+    assert_eq!(
+        (health.status.as_u16(), health.body.clone()),
+        (200, json!({"status": "ok"}))
+    );
+    assert_eq!(app.get("/ready", None).await.status, 200);
+
+    // A migration missing from the history means the schema is behind the code.
+    sqlx::query("delete from public._sqlx_migrations where version = (select max(version) from public._sqlx_migrations)")
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    let behind = app.get("/ready", None).await;
+    assert_eq!(behind.status, 503);
+    assert_eq!(behind.body["status"], "migrations pending");
+}
+
+#[sqlx::test]
+async fn metrics_count_requests_and_credits_by_source(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    app.grant(user.id, 10).await;
+    app.post("/v1/credits/spend", Some(&user.token), json!({"amount": 3}))
+        .await;
+    app.post(
+        "/v1/ads/views",
+        Some(&user.token),
+        json!({"duration_seconds": 30}),
+    )
+    .await;
+
+    let metrics = app.get("/metrics", None).await;
+
+    assert_eq!(metrics.status, 200);
+    let text = metrics.body.as_str().unwrap();
+    for expected in [
+        r#"http_requests_total{method="POST",route="/v1/credits/spend",status="201"}"#,
+        r#"http_request_duration_seconds_bucket{method="POST",route="/v1/credits/spend""#,
+        r#"credits_spent_total{source="spend"}"#,
+        r#"credits_granted_total{source="ad_view"}"#,
+        r#"ad_views_total{outcome="accepted"}"#,
+        r#"db_pool_connections{state="idle"}"#,
+        "# HELP credits_granted_total",
+    ] {
+        assert!(text.contains(expected), "missing {expected} in\n{text}");
+    }
+    assert!(!text.contains(&user.id.to_string()), "no per-user series");
+}
+
+#[sqlx::test]
+async fn the_openapi_document_covers_every_route_of_the_contract(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+
+    let doc = app.get("/openapi.json", None).await;
+
+    assert_eq!(doc.status, 200);
+    assert!(doc.body["openapi"].as_str().unwrap().starts_with("3.1"));
+    for (path, method) in [
+        ("/health", "get"),
+        ("/ready", "get"),
+        ("/metrics", "get"),
+        ("/v1/me", "get"),
+        ("/v1/me", "patch"),
+        ("/v1/me/transactions", "get"),
+        ("/v1/credits/spend", "post"),
+        ("/v1/ads/views", "post"),
+        ("/v1/credit-packs", "get"),
+        ("/v1/admin/users", "get"),
+        ("/v1/admin/users/{id}", "get"),
+        ("/v1/admin/users/{id}/transactions", "get"),
+        ("/v1/admin/users/{id}/credits", "post"),
+        ("/v1/admin/stats", "get"),
+        ("/v1/admin/credit-packs/{id}", "put"),
+    ] {
+        assert!(
+            doc.body["paths"][path][method].is_object(),
+            "{method} {path} is missing"
+        );
+    }
+    assert!(doc.body["components"]["schemas"]["Problem"].is_object());
+    assert!(doc.body["components"]["securitySchemes"]["bearer"].is_object());
+
+    let docs = app.get("/docs/", None).await;
+    assert_eq!(docs.status, 200);
+    assert!(
+        docs.body.as_str().unwrap().contains("swagger"),
+        "the docs page renders the document"
+    );
+}
+
+#[sqlx::test]
+async fn callers_past_their_rate_limit_get_429_with_retry_after(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let mut config = test_config();
+    config.rate_limit_per_minute = 60;
+    config.rate_limit_burst = 3;
+    let app = TestApp::with_config(connect, config).await;
+    let alice = app.user().await;
+    let bob = app.user().await;
+
+    for _ in 0..3 {
+        assert_eq!(app.get("/v1/me", Some(&alice.token)).await.status, 200);
+    }
+    let limited = app.get("/v1/me", Some(&alice.token)).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.code(), "rate_limited");
+    assert!(
+        limited.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    // Another user has a budget of their own; health checks are never limited.
+    assert_eq!(app.get("/v1/me", Some(&bob.token)).await.status, 200);
+    assert_eq!(app.get("/health", None).await.status, 200);
+}
+
+#[sqlx::test]
+async fn every_answer_carries_a_request_id_and_cors_allows_configured_origins(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let mut config = test_config();
+    config.cors_allowed_origins = vec!["https://app.amethyst.ai".to_owned()];
+    let app = TestApp::with_config(connect, config).await;
+
+    let answer = app.get("/health", None).await;
+    assert!(answer.headers.get("x-request-id").is_some());
+    let given = app
+        .send(request(
+            Method::GET,
+            "/health",
+            None,
+            None,
+            &[("x-request-id", "abc-123")],
+        ))
+        .await;
+    assert_eq!(given.headers["x-request-id"], "abc-123");
+
+    let preflight = app
+        .send(request(
+            Method::OPTIONS,
+            "/v1/credits/spend",
+            None,
+            None,
+            &[
+                ("origin", "https://app.amethyst.ai"),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization,idempotency-key",
+                ),
+            ],
+        ))
+        .await;
+    assert_eq!(
+        preflight.headers["access-control-allow-origin"],
+        "https://app.amethyst.ai"
+    );
+    let other = app
+        .send(request(
+            Method::GET,
+            "/health",
+            None,
+            None,
+            &[("origin", "https://evil.example")],
+        ))
+        .await;
+    assert!(other.headers.get("access-control-allow-origin").is_none());
+}
+
+/// The URL of a database that does not exist yet, on the tests' server.
+fn fresh_database_url() -> (String, String) {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for the tests");
+    let (server, _) = base.rsplit_once('/').unwrap();
+    let name = format!("amethyst_serve_{}", uuid::Uuid::new_v4().simple());
+    (format!("{server}/{name}"), format!("{server}/postgres"))
+}
+
+#[tokio::test]
+async fn serve_creates_the_database_migrates_answers_and_stops_on_sigterm() {
+    let (url, admin_url) = fresh_database_url();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amethyst-credits"))
+        .arg("serve")
+        .env("DATABASE_URL", &url)
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("SUPABASE_JWT_SECRET", common::SECRET)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // The chosen address is logged.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("the server logs until it listens")
+            .unwrap();
+        let entry: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if entry["message"] == "listening" {
+            break entry["address"].as_str().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+
+    let ready = reqwest::get(format!("http://{address}/ready"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = status.expect("the server stops within 5 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+        .await
+        .unwrap();
+    sqlx::query(&format!("drop database if exists \"{name}\" with (force)"))
+        .execute(&mut admin)
+        .await
+        .ok();
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_way_to_check_tokens() {
+    let output = Command::new(env!("CARGO_BIN_EXE_amethyst-credits"))
+        .arg("serve")
+        // Away from any .env a developer keeps in the checkout.
+        .current_dir(std::env::temp_dir())
+        .env_remove("SUPABASE_JWT_SECRET")
+        .env_remove("SUPABASE_JWKS_URL")
+        .env_remove("SUPABASE_URL")
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("SUPABASE_JWT_SECRET") && stderr.contains("SUPABASE_JWKS_URL"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn token_mints_a_token_the_service_accepts() {
+    let output = Command::new(env!("CARGO_BIN_EXE_amethyst-credits"))
+        .args([
+            "token",
+            "--sub",
+            "7d3c1c52-7a3f-4f57-9a59-1b8f2f0e0c11",
+            "--email",
+            "t@example.com",
+            "--ttl",
+            "10m",
+        ])
+        .env("SUPABASE_JWT_SECRET", common::SECRET)
+        .env("JWT_ISSUER", common::ISSUER)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let token = String::from_utf8(output.stdout).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_audience(&["authenticated"]);
+    validation.set_issuer(&[common::ISSUER]);
+    let data = jsonwebtoken::decode::<Value>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(common::SECRET.as_bytes()),
+        &validation,
+    )
+    .unwrap();
+    assert_eq!(data.claims["sub"], "7d3c1c52-7a3f-4f57-9a59-1b8f2f0e0c11");
+    assert_eq!(data.claims["role"], "authenticated");
+    assert_eq!(data.claims["email"], "t@example.com");
+    let lifetime = data.claims["exp"].as_i64().unwrap() - data.claims["iat"].as_i64().unwrap();
+    assert_eq!(lifetime, 600);
+}
+
+#[test]
+fn openapi_prints_the_document() {
+    let output = Command::new(env!("CARGO_BIN_EXE_amethyst-credits"))
+        .arg("openapi")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let doc: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(doc["paths"]["/v1/credits/spend"]["post"].is_object());
+}

@@ -1,0 +1,380 @@
+//! Bad input on every route answers the contract's 4xx, never a 5xx, and changes nothing.
+
+mod common;
+
+use axum::http::Method;
+use base64::Engine;
+use common::{TestApp, request, service_role_key};
+use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// Sends a raw body and checks the status and code.
+async fn expect(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Option<&str>,
+    status: u16,
+    code: &str,
+) {
+    let response = app
+        .send(request(
+            method.clone(),
+            path,
+            Some(token),
+            body.map(str::to_owned),
+            &[],
+        ))
+        .await;
+    assert_eq!(
+        response.status.as_u16(),
+        status,
+        "{method} {path} {body:?}: {:?}",
+        response.body
+    );
+    assert_eq!(response.code(), code, "{method} {path} {body:?}");
+    assert_eq!(response.headers["content-type"], "application/problem+json");
+}
+
+#[sqlx::test]
+async fn bad_spend_requests_are_refused_and_change_nothing(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    app.grant(user.id, 100).await;
+    let long = "x".repeat(501);
+    let huge = format!(
+        r#"{{"amount": 1, "description": "{}"}}"#,
+        "x".repeat(70 * 1024)
+    );
+
+    for body in [
+        r#"{"amount": "#,
+        r#"{"amount": "5"}"#,
+        r#"{"amount": 1.5}"#,
+        r#"{"amount": 0}"#,
+        r#"{"amount": -5}"#,
+        r#"{"amount": 1000001}"#,
+        r#"{"amount": 99999999999999999999999}"#,
+        r#"{"amount": null}"#,
+        r#"{}"#,
+        r#"[]"#,
+        r#""amount""#,
+        "",
+        r#"{"amount": 1, "user_id": "00000000-0000-0000-0000-000000000000"}"#,
+        r#"{"amount": 1, "description": 5}"#,
+        &format!(r#"{{"amount": 1, "description": "{long}"}}"#),
+        r#"{"amount": 1, "reference": "a\u0000b"}"#,
+    ] {
+        expect(
+            &app,
+            Method::POST,
+            "/v1/credits/spend",
+            &user.token,
+            Some(body),
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    expect(
+        &app,
+        Method::POST,
+        "/v1/credits/spend",
+        &user.token,
+        Some(&huge),
+        413,
+        "payload_too_large",
+    )
+    .await;
+
+    let field = app
+        .post(
+            "/v1/credits/spend",
+            Some(&user.token),
+            json!({"amount": "5"}),
+        )
+        .await;
+    assert_eq!(field.body["errors"][0]["field"], "amount");
+
+    assert_eq!(app.balance(user.id).await, 100);
+    assert_eq!(
+        app.count(
+            "select count(*) from public.credit_transactions where user_id = $1",
+            user.id
+        )
+        .await,
+        1
+    );
+}
+
+#[sqlx::test]
+async fn bad_ad_views_are_refused_and_not_counted(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let long = "p".repeat(101);
+
+    for body in [
+        r#"{"duration_seconds": -1}"#.to_owned(),
+        r#"{"duration_seconds": 86401}"#.to_owned(),
+        r#"{"duration_seconds": "30"}"#.to_owned(),
+        r#"{"duration_seconds": 30.5}"#.to_owned(),
+        r#"{"duration_seconds": null}"#.to_owned(),
+        r#"{}"#.to_owned(),
+        r#"{"duration_seconds": 30, "credits": 100}"#.to_owned(),
+        format!(r#"{{"duration_seconds": 30, "provider": "{long}"}}"#),
+        "{not json".to_owned(),
+    ] {
+        expect(
+            &app,
+            Method::POST,
+            "/v1/ads/views",
+            &user.token,
+            Some(&body),
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    assert_eq!(
+        app.count(
+            "select count(*) from public.ad_views where user_id = $1",
+            user.id
+        )
+        .await,
+        0
+    );
+    assert_eq!(app.balance(user.id).await, 0);
+}
+
+#[sqlx::test]
+async fn bad_profile_updates_are_refused(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let long = "n".repeat(101);
+
+    for body in [
+        format!(r#"{{"display_name": "{long}"}}"#),
+        r#"{"display_name": 5}"#.to_owned(),
+        r#"{"avatar_url": "javascript:alert(1)"}"#.to_owned(),
+        r#"{"avatar_url": "https://a.example/ b.png"}"#.to_owned(),
+        r#"{"email": "me@evil.example"}"#.to_owned(),
+        "nope".to_owned(),
+    ] {
+        expect(
+            &app,
+            Method::PATCH,
+            "/v1/me",
+            &user.token,
+            Some(&body),
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["display_name"], serde_json::Value::Null);
+    assert_eq!(me.body["email"], user.email);
+}
+
+#[sqlx::test]
+async fn bad_pagination_and_forged_cursors_are_refused(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let key = service_role_key();
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let forged_number = engine.encode("c1:not-a-number");
+    let forged_prefix = engine.encode("42");
+    let forged_admin = engine.encode("c1:yesterday|nobody");
+    let long = "A".repeat(500);
+
+    for query in [
+        "limit=0",
+        "limit=101",
+        "limit=abc",
+        "limit=-1",
+        "cursor=%%%",
+        "cursor=!!!",
+        &format!("cursor={forged_number}"),
+        &format!("cursor={forged_prefix}"),
+        &format!("cursor={long}"),
+    ] {
+        expect(
+            &app,
+            Method::GET,
+            &format!("/v1/me/transactions?{query}"),
+            &user.token,
+            None,
+            422,
+            "validation_failed",
+        )
+        .await;
+        expect(
+            &app,
+            Method::GET,
+            &format!("/v1/admin/users/{}/transactions?{query}", user.id),
+            &key,
+            None,
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    expect(
+        &app,
+        Method::GET,
+        &format!("/v1/admin/users?cursor={forged_admin}"),
+        &key,
+        None,
+        422,
+        "validation_failed",
+    )
+    .await;
+    expect(
+        &app,
+        Method::GET,
+        "/v1/admin/users?limit=1000",
+        &key,
+        None,
+        422,
+        "validation_failed",
+    )
+    .await;
+}
+
+#[sqlx::test]
+async fn bad_admin_requests_are_refused_and_change_nothing(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let key = service_role_key();
+    let credits = format!("/v1/admin/users/{}/credits", user.id);
+
+    expect(
+        &app,
+        Method::GET,
+        "/v1/admin/users/not-a-uuid",
+        &key,
+        None,
+        422,
+        "validation_failed",
+    )
+    .await;
+    expect(
+        &app,
+        Method::POST,
+        "/v1/admin/users/not-a-uuid/credits",
+        &key,
+        Some(r#"{"amount": 1, "reason": "x"}"#),
+        422,
+        "validation_failed",
+    )
+    .await;
+    for body in [
+        r#"{"amount": 0, "reason": "nothing"}"#,
+        r#"{"amount": 5}"#,
+        r#"{"amount": 5, "reason": "   "}"#,
+        r#"{"amount": 2000000000, "reason": "too much"}"#,
+        r#"{"amount": "5", "reason": "text"}"#,
+    ] {
+        expect(
+            &app,
+            Method::POST,
+            &credits,
+            &key,
+            Some(body),
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    for days in ["0", "367", "abc", "-3"] {
+        expect(
+            &app,
+            Method::GET,
+            &format!("/v1/admin/stats?days={days}"),
+            &key,
+            None,
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    let pack = format!("/v1/admin/credit-packs/{}", uuid::Uuid::new_v4());
+    for body in [
+        r#"{"name": "", "credits": 10, "kind": "one_time", "stripe_price_id": null, "unit_amount": 100, "currency": "usd", "active": true}"#,
+        r#"{"name": "P", "credits": 0, "kind": "one_time", "stripe_price_id": null, "unit_amount": 100, "currency": "usd", "active": true}"#,
+        r#"{"name": "P", "credits": 10, "kind": "forever", "stripe_price_id": null, "unit_amount": 100, "currency": "usd", "active": true}"#,
+        r#"{"name": "P", "credits": 10, "kind": "one_time", "stripe_price_id": "prod_1", "unit_amount": 100, "currency": "usd", "active": true}"#,
+        r#"{"name": "P", "credits": 10, "kind": "one_time", "stripe_price_id": null, "unit_amount": -1, "currency": "usd", "active": true}"#,
+        r#"{"name": "P", "credits": 10, "kind": "one_time", "stripe_price_id": null, "unit_amount": 100, "currency": "dollars", "active": true}"#,
+        r#"{"name": "P", "credits": 10, "kind": "one_time", "unit_amount": 100, "currency": "usd"}"#,
+    ] {
+        expect(
+            &app,
+            Method::PUT,
+            &pack,
+            &key,
+            Some(body),
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    expect(
+        &app,
+        Method::PUT,
+        "/v1/admin/credit-packs/xyz",
+        &key,
+        Some("{}"),
+        422,
+        "validation_failed",
+    )
+    .await;
+
+    assert_eq!(app.balance(user.id).await, 0);
+    let packs: i64 = sqlx::query_scalar("select count(*) from public.credit_packs")
+        .fetch_one(&app.owner)
+        .await
+        .unwrap();
+    assert_eq!(packs, 0);
+}
+
+#[sqlx::test]
+async fn a_malformed_idempotency_key_is_refused(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    app.grant(user.id, 10).await;
+    let long = "k".repeat(256);
+
+    for key in [long.as_str(), "", "has space"] {
+        let response = app
+            .send(request(
+                Method::POST,
+                "/v1/credits/spend",
+                Some(&user.token),
+                Some(r#"{"amount": 1}"#.to_owned()),
+                &[("idempotency-key", key)],
+            ))
+            .await;
+        assert_eq!(response.status, 422, "{key:?}");
+        assert_eq!(response.body["errors"][0]["field"], "Idempotency-Key");
+    }
+    assert_eq!(app.balance(user.id).await, 10);
+}
+
+#[sqlx::test]
+async fn unknown_routes_answer_a_problem_404(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::new(pool, connect).await;
+    let response = app.get("/v1/nothing-here", None).await;
+    assert_eq!(response.status, 404);
+    assert_eq!(response.code(), "not_found");
+}
