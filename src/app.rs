@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::extract::BODY_LIMIT_BYTES;
 use crate::rate_limit::{self, RateLimiter};
-use crate::{admin, ads, credits, db, openapi, packs, profiles, telemetry};
+use crate::{admin, ads, credits, db, openapi, packs, profiles, stripe, telemetry};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -78,6 +78,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(ads::router())
         .merge(packs::router())
         .merge(admin::router())
+        .merge(stripe::router())
         .split_for_parts();
     let (ops_router, ops_api) = OpenApiRouter::new()
         .routes(routes!(health))

@@ -69,6 +69,9 @@ pub enum ApiError {
     RateLimited { retry_after_seconds: u64 },
     #[error("stripe is not configured")]
     StripeNotConfigured,
+    /// Stripe's API refused or failed a request (502).
+    #[error("stripe error: {0}")]
+    Stripe(String),
     #[error("unavailable: {0}")]
     Unavailable(&'static str),
     #[error("internal error: {0:#}")]
@@ -94,6 +97,7 @@ impl ApiError {
             Self::InvalidSignature => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::StripeNotConfigured | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Stripe(_) => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -113,6 +117,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::RateLimited { .. } => "rate_limited",
             Self::StripeNotConfigured => "stripe_not_configured",
+            Self::Stripe(_) => "stripe_error",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -133,6 +138,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => "Request body too large",
             Self::RateLimited { .. } => "Too many requests",
             Self::StripeNotConfigured => "Payments are not configured",
+            Self::Stripe(_) => "The payment provider failed",
             Self::Unavailable(_) => "Service unavailable",
             Self::Internal(_) => "Internal error",
         }
@@ -173,6 +179,7 @@ impl ApiError {
                 format!("Slow down; retry in {retry_after_seconds} s.")
             }
             Self::StripeNotConfigured => "Stripe is not configured on this server.".to_owned(),
+            Self::Stripe(why) => format!("{why}."),
             Self::Unavailable(why) => format!("{why}; retry shortly."),
             Self::Internal(_) => "Something went wrong on our side; it has been logged.".to_owned(),
         }

@@ -20,6 +20,7 @@ pub mod openapi;
 pub mod packs;
 pub mod profiles;
 pub mod rate_limit;
+pub mod stripe;
 pub mod telemetry;
 pub mod verify;
 

@@ -67,7 +67,14 @@ const REQUIRED_FUNCTIONS: &[&str] = &[
 ];
 
 /// Functions that change balances: never executable by anon, authenticated or PUBLIC.
-const BALANCE_FUNCTIONS: &[&str] = &["add_credits", "spend_credits", "handle_ad_view"];
+const BALANCE_FUNCTIONS: &[&str] = &[
+    "add_credits",
+    "spend_credits",
+    "handle_ad_view",
+    "stripe_grant",
+    "stripe_record_charge",
+    "stripe_settle_grant",
+];
 
 /// Runs every check.
 pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
@@ -171,7 +178,8 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
         "select c.table_name::text, c.column_name::text
            from information_schema.columns c
           where c.table_schema = 'public'
-            and c.table_name in ('profiles', 'credit_transactions', 'ad_views', 'credit_packs', 'idempotency_keys')
+            and c.table_name in ('profiles', 'credit_transactions', 'ad_views', 'credit_packs', 'idempotency_keys',
+                                 'stripe_events', 'stripe_grants', 'stripe_charges')
             and (has_column_privilege('authenticated', format('public.%I', c.table_name), c.column_name, 'UPDATE')
                  or has_column_privilege('authenticated', format('public.%I', c.table_name), c.column_name, 'INSERT')
                  or has_column_privilege('anon', format('public.%I', c.table_name), c.column_name, 'UPDATE')

@@ -1,0 +1,131 @@
+//! The one Stripe API call this service makes: creating a Checkout Session.
+//!
+//! Form-encoded, `Authorization: Bearer <secret key>`, the API version pinned, an
+//! `Idempotency-Key` on every attempt (the caller's, or one of ours) so that retrying after a
+//! network error or a 5xx cannot create two sessions. Other answers are not retried.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::Secret;
+
+/// The Stripe API version this code is written against.
+pub const STRIPE_VERSION: &str = "2025-03-31.basil";
+const ATTEMPTS: u32 = 3;
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(8);
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreatedSession {
+    pub id: String,
+    pub url: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StripeApiError {
+    /// Stripe answered with an error (4xx): the request was refused.
+    #[error("Stripe refused the request: {message}")]
+    Refused { status: u16, message: String },
+    /// Stripe could not be reached or kept failing (network, timeout, 5xx).
+    #[error("Stripe is unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    message: Option<String>,
+    code: Option<String>,
+}
+
+pub struct StripeClient<'a> {
+    pub http: &'a reqwest::Client,
+    pub api_base: &'a str,
+    pub secret_key: &'a Secret,
+}
+
+impl StripeClient<'_> {
+    /// POST /v1/checkout/sessions with `form` (already in Stripe's bracket notation).
+    pub async fn create_checkout_session(
+        &self,
+        form: &[(String, String)],
+        idempotency_key: &str,
+    ) -> Result<CreatedSession, StripeApiError> {
+        let url = format!("{}/v1/checkout/sessions", self.api_base);
+        let body = serde_urlencoded::to_string(form)
+            .map_err(|e| StripeApiError::Unavailable(e.to_string()))?;
+        let mut last_failure = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(250 * 3u64.pow(attempt - 1))).await;
+            }
+            let sent = self
+                .http
+                .post(&url)
+                .bearer_auth(self.secret_key.expose())
+                .header("Stripe-Version", STRIPE_VERSION)
+                .header("Idempotency-Key", idempotency_key)
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .timeout(ATTEMPT_TIMEOUT)
+                .body(body.clone())
+                .send()
+                .await;
+            let response = match sent {
+                Ok(response) => response,
+                Err(err) => {
+                    last_failure = format!("request failed: {}", without_url(&err));
+                    tracing::warn!(attempt, error = %last_failure, "Stripe request failed; retrying");
+                    continue;
+                }
+            };
+            let status = response.status();
+            if status.is_server_error() {
+                last_failure = format!("Stripe answered {status}");
+                tracing::warn!(attempt, %status, "Stripe answered a server error; retrying");
+                continue;
+            }
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| StripeApiError::Unavailable(without_url(&e)))?;
+            if status.is_success() {
+                return serde_json::from_slice(&bytes).map_err(|e| {
+                    StripeApiError::Unavailable(format!("unexpected answer from Stripe: {e}"))
+                });
+            }
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| match (b.error.message, b.error.code) {
+                    (Some(m), _) => m,
+                    (None, Some(c)) => c,
+                    (None, None) => status.to_string(),
+                })
+                .unwrap_or_else(|_| status.to_string());
+            return Err(StripeApiError::Refused {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Err(StripeApiError::Unavailable(last_failure))
+    }
+}
+
+/// What went wrong, in words fit for an answer (no URL, no key).
+fn without_url(err: &reqwest::Error) -> String {
+    if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "could not connect"
+    } else if err.is_body() || err.is_decode() {
+        "the answer could not be read"
+    } else {
+        "the request failed"
+    }
+    .to_owned()
+}

@@ -1,0 +1,837 @@
+//! Stripe: Checkout Sessions against a local fake of Stripe's API, and signed webhook events
+//! granting credits exactly once.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use common::stripe::{
+    self as fake, FakeStripe, OLD_WEBHOOK_SECRET, WEBHOOK_SECRET, charge, checkout_session,
+    dispute, event, event_id, invoice_basil, invoice_classic, signature_header_at, stripe_config,
+    subscription,
+};
+use common::{TestApp, TestUser, all_at_once, request, service_role_key};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use uuid::Uuid;
+
+async fn stripe_app(connect: PgConnectOptions) -> (TestApp, FakeStripe) {
+    let stripe = FakeStripe::start().await;
+    let app = TestApp::with_config(connect, stripe_config(&stripe.url)).await;
+    (app, stripe)
+}
+
+/// An admin-created pack, as `PUT /v1/admin/credit-packs/{id}` makes it.
+async fn new_pack(app: &TestApp, credits: i32, kind: &str, price: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    let response = app
+        .send(request(
+            axum::http::Method::PUT,
+            &format!("/v1/admin/credit-packs/{id}"),
+            Some(&service_role_key()),
+            Some(
+                json!({"name": format!("{credits} credits"), "credits": credits, "kind": kind, "stripe_price_id": price,
+                       "unit_amount": 999, "currency": "usd", "active": true})
+                .to_string(),
+            ),
+            &[],
+        ))
+        .await;
+    assert_eq!(response.status, 200, "{:?}", response.body);
+    id
+}
+
+async fn grants(app: &TestApp, user: Uuid) -> i64 {
+    app.count(
+        "select count(*) from public.stripe_grants where user_id = $1",
+        user,
+    )
+    .await
+}
+
+async fn event_status(app: &TestApp, id: &str) -> (String, Option<String>, i32) {
+    sqlx::query_as("select status, error, attempts from public.stripe_events where id = $1")
+        .bind(id)
+        .fetch_one(&app.owner)
+        .await
+        .unwrap()
+}
+
+fn paid_session(user: &TestUser, pack: Uuid, credits: i32) -> (String, String, Value) {
+    let session = format!("cs_test_{}", Uuid::new_v4().simple());
+    let payment_intent = format!("pi_{}", Uuid::new_v4().simple());
+    let object = checkout_session(&session, user.id, pack, credits, &payment_intent, "paid");
+    (session, payment_intent, object)
+}
+
+#[sqlx::test]
+async fn the_signature_matrix(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let body = event(
+        &event_id(),
+        "customer.created",
+        json!({"id": "cus_1", "object": "customer"}),
+    )
+    .to_string();
+    let now = chrono::Utc::now().timestamp();
+    let good = signature_header_at(&body, now, WEBHOOK_SECRET);
+    let v1 = good.split("v1=").nth(1).unwrap().to_owned();
+    let mut tampered = body.clone().into_bytes();
+    let last = tampered.len() - 2;
+    tampered[last] ^= 0x01;
+    let tampered = String::from_utf8(tampered).unwrap();
+
+    let refused: Vec<(&str, String, Option<String>)> = vec![
+        ("one byte tampered", tampered, Some(good.clone())),
+        (
+            "wrong secret",
+            body.clone(),
+            Some(signature_header_at(&body, now, "whsec_someone_else")),
+        ),
+        (
+            "301 s old",
+            body.clone(),
+            Some(signature_header_at(&body, now - 301, WEBHOOK_SECRET)),
+        ),
+        (
+            "301 s in the future",
+            body.clone(),
+            Some(signature_header_at(&body, now + 301, WEBHOOK_SECRET)),
+        ),
+        ("missing header", body.clone(), None),
+        (
+            "malformed header",
+            body.clone(),
+            Some("v1=abc, t".to_owned()),
+        ),
+        ("no timestamp", body.clone(), Some(format!("v1={v1}"))),
+        ("v0 only", body.clone(), Some(format!("t={now},v0={v1}"))),
+    ];
+    for (name, payload, header) in refused {
+        let response = app.webhook_raw(payload, header.as_deref()).await;
+        assert_eq!(response.status, 400, "{name}: {:?}", response.body);
+        assert_eq!(response.code(), "invalid_signature", "{name}");
+    }
+    let recorded: i64 = sqlx::query_scalar("select count(*) from public.stripe_events")
+        .fetch_one(&app.owner)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 0, "nothing from a bad delivery is recorded");
+
+    let two_values = format!("t={now},v1={},v1={v1}", "0".repeat(64));
+    let accepted = app.webhook_raw(body.clone(), Some(&two_values)).await;
+    assert_eq!(
+        accepted.status, 200,
+        "two v1 values, one valid: {:?}",
+        accepted.body
+    );
+    assert_eq!(accepted.body, json!({"received": true, "duplicate": false}));
+
+    let rotated = app
+        .webhook_raw(
+            body.clone(),
+            Some(&signature_header_at(&body, now, OLD_WEBHOOK_SECRET)),
+        )
+        .await;
+    assert_eq!(
+        rotated.status, 200,
+        "the previous secret still works during rotation"
+    );
+    assert_eq!(rotated.body["duplicate"], true);
+}
+
+#[sqlx::test]
+async fn the_same_event_delivered_fifty_times_at_once_and_five_in_a_row_grants_once(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_100").await;
+    let (_, _, session) = paid_session(&user, pack, 100);
+    let delivery = event(&event_id(), "checkout.session.completed", session);
+    let server = Arc::new(app.serve());
+
+    let results = all_at_once(50, |_| {
+        let server = server.clone();
+        let delivery = delivery.clone();
+        async move { server.webhook(&delivery).await }
+    })
+    .await;
+    for _ in 0..5 {
+        let again = app.webhook(&delivery).await;
+        assert_eq!(again.status, 200);
+        assert_eq!(again.body["duplicate"], true);
+    }
+
+    assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
+    let firsts = results
+        .iter()
+        .filter(|(_, b)| b["duplicate"] == false)
+        .count();
+    assert_eq!(firsts, 1, "exactly one delivery is not a duplicate");
+    assert_eq!(app.balance(user.id).await, 100);
+    assert_eq!(grants(&app, user.id).await, 1);
+}
+
+#[sqlx::test]
+async fn completed_and_async_succeeded_for_one_session_grant_once(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 50, "one_time", "price_50").await;
+    let (session, payment_intent, _) = paid_session(&user, pack, 50);
+
+    // A delayed payment method: completed while unpaid, then the payment succeeds.
+    let unpaid = checkout_session(&session, user.id, pack, 50, &payment_intent, "unpaid");
+    assert_eq!(
+        app.webhook(&event(&event_id(), "checkout.session.completed", unpaid))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        app.balance(user.id).await,
+        0,
+        "nothing is granted before the money arrives"
+    );
+
+    let paid = checkout_session(&session, user.id, pack, 50, &payment_intent, "paid");
+    let succeeded = app
+        .webhook(&event(
+            &event_id(),
+            "checkout.session.async_payment_succeeded",
+            paid.clone(),
+        ))
+        .await;
+    assert_eq!(succeeded.status, 200);
+    // And the other order for good measure: a paid completed event for the same session.
+    let completed = app
+        .webhook(&event(&event_id(), "checkout.session.completed", paid))
+        .await;
+    assert_eq!(completed.status, 200);
+    assert_eq!(
+        completed.body["duplicate"], false,
+        "a different event, recorded on its own"
+    );
+
+    assert_eq!(app.balance(user.id).await, 50);
+    assert_eq!(grants(&app, user.id).await, 1);
+}
+
+#[sqlx::test]
+async fn a_refund_delivered_before_its_grant_still_ends_right(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_r").await;
+    let (_, payment_intent, session) = paid_session(&user, pack, 100);
+    let charge_id = format!("ch_{}", Uuid::new_v4().simple());
+
+    let refund = app
+        .webhook(&event(
+            &event_id(),
+            "charge.refunded",
+            charge(&charge_id, &payment_intent, 999, 500),
+        ))
+        .await;
+    assert_eq!(refund.status, 200);
+    assert_eq!(app.balance(user.id).await, 0);
+    let grant = app
+        .webhook(&event(&event_id(), "checkout.session.completed", session))
+        .await;
+    assert_eq!(grant.status, 200);
+
+    // 500 of 999 refunded: floor(100 × 500 / 999) = 50 credits taken back.
+    assert_eq!(app.balance(user.id).await, 50);
+    assert_eq!(grants(&app, user.id).await, 1);
+    let (passed, report) = verify(&app).await;
+    assert!(passed, "{report}");
+}
+
+async fn verify(app: &TestApp) -> (bool, String) {
+    let mut conn = app.owner.acquire().await.unwrap();
+    let report = amethyst_credits::verify::run(&mut conn).await.unwrap();
+    (report.passed(), report.to_string())
+}
+
+#[sqlx::test]
+async fn the_whole_purchase_flow_from_pack_to_refunds_and_renewals(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+
+    // An admin puts a pack on sale; the user starts a checkout.
+    let pack = new_pack(&app, 100, "one_time", "price_1MoS36LgUG5tbmjch8DFzJe3").await;
+    let created = app
+        .post_with_key(
+            "/v1/checkout/sessions",
+            &user.token,
+            "buy-1",
+            json!({"pack_id": pack}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let session_id = created.body["id"].as_str().unwrap().to_owned();
+    assert!(
+        created.body["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://checkout.stripe.com/")
+    );
+
+    let sent = stripe.requests();
+    assert_eq!(sent.len(), 1);
+    let sent = &sent[0];
+    assert_eq!(
+        sent.authorization.as_deref(),
+        Some("Bearer sk_test_amethyst")
+    );
+    assert_eq!(
+        sent.content_type.as_deref(),
+        Some("application/x-www-form-urlencoded")
+    );
+    assert!(sent.stripe_version.is_some());
+    assert!(
+        sent.idempotency_key
+            .as_deref()
+            .unwrap()
+            .starts_with("checkout-")
+    );
+    let user_id = user.id.to_string();
+    let pack_id = pack.to_string();
+    for (field, value) in [
+        ("mode", "payment"),
+        ("line_items[0][price]", "price_1MoS36LgUG5tbmjch8DFzJe3"),
+        ("line_items[0][quantity]", "1"),
+        ("client_reference_id", user_id.as_str()),
+        ("metadata[user_id]", user_id.as_str()),
+        ("metadata[pack_id]", pack_id.as_str()),
+        ("metadata[credits]", "100"),
+        ("payment_intent_data[metadata][user_id]", user_id.as_str()),
+        ("success_url", fake::SUCCESS_URL),
+        ("cancel_url", fake::CANCEL_URL),
+        ("customer_email", user.email.as_str()),
+        ("customer_creation", "always"),
+    ] {
+        assert_eq!(sent.field(field), Some(value), "{field}");
+    }
+    assert_eq!(sent.field("customer"), None);
+
+    // Stripe reports the payment.
+    let payment_intent = "pi_3MtwBwLkdIwHu7ix28a3tqPa";
+    let mut paid = checkout_session(&session_id, user.id, pack, 100, payment_intent, "paid");
+    paid["customer"] = json!("cus_Flow123");
+    assert_eq!(
+        app.webhook(&event(&event_id(), "checkout.session.completed", paid))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.balance(user.id).await, 100);
+    let me = app.get("/v1/me/transactions", Some(&user.token)).await;
+    assert_eq!(me.body["items"][0]["source"], "stripe");
+    assert_eq!(me.body["items"][0]["reference"], session_id);
+
+    // The next checkout reuses the Stripe customer.
+    let again = app
+        .post(
+            "/v1/checkout/sessions",
+            Some(&user.token),
+            json!({"pack_id": pack}),
+        )
+        .await;
+    assert_eq!(again.status, 201);
+    assert_eq!(stripe.requests()[1].field("customer"), Some("cus_Flow123"));
+    assert_eq!(stripe.requests()[1].field("customer_email"), None);
+
+    // The user spends 70; a partial refund takes back 40 % of the pack.
+    app.post(
+        "/v1/credits/spend",
+        Some(&user.token),
+        json!({"amount": 70}),
+    )
+    .await;
+    let ch = "ch_3MtwBwLkdIwHu7ix2fGHvUdi";
+    let partial = app
+        .webhook(&event(
+            &event_id(),
+            "charge.refunded",
+            charge(ch, payment_intent, 1000, 400),
+        ))
+        .await;
+    assert_eq!(partial.status, 200);
+    assert_eq!(
+        app.balance(user.id).await,
+        0,
+        "30 − 40 would go below zero: floors at 0"
+    );
+    let (revoked, shortfall): (i32, i32) = sqlx::query_as(
+        "select credits_revoked, shortfall from public.stripe_grants where stripe_object_id = $1",
+    )
+    .bind(&session_id)
+    .fetch_one(&app.owner)
+    .await
+    .unwrap();
+    assert_eq!((revoked, shortfall), (40, 10));
+
+    // A full refund takes back the rest of the pack, from an empty balance: all shortfall.
+    app.grant(user.id, 5).await;
+    let full = app
+        .webhook(&event(
+            &event_id(),
+            "charge.refunded",
+            charge(ch, payment_intent, 1000, 1000),
+        ))
+        .await;
+    assert_eq!(full.status, 200);
+    assert_eq!(app.balance(user.id).await, 0);
+    let (revoked, shortfall): (i32, i32) = sqlx::query_as(
+        "select credits_revoked, shortfall from public.stripe_grants where stripe_object_id = $1",
+    )
+    .bind(&session_id)
+    .fetch_one(&app.owner)
+    .await
+    .unwrap();
+    assert_eq!((revoked, shortfall), (100, 65));
+    // A late copy of the partial refund changes nothing.
+    app.webhook(&event(
+        &event_id(),
+        "charge.refunded",
+        charge(ch, payment_intent, 1000, 400),
+    ))
+    .await;
+    assert_eq!(app.balance(user.id).await, 0);
+
+    // A subscription: its invoice grants the plan's credits, once per invoice.
+    let plan = new_pack(&app, 300, "subscription", "price_monthly").await;
+    let sub = "sub_1MowQVLkdIwHu7ixeRlqHVzs";
+    let created_sub = app
+        .webhook(&event(
+            &event_id(),
+            "customer.subscription.created",
+            subscription(
+                sub,
+                "cus_Flow123",
+                user.id,
+                plan,
+                "price_monthly",
+                "active",
+                1_900_000_000,
+            ),
+        ))
+        .await;
+    assert_eq!(created_sub.status, 200);
+    let first = invoice_classic(
+        "in_1MtHbELkdIwHu7ixl4OzzPMv",
+        "cus_Flow123",
+        sub,
+        "price_monthly",
+        "subscription_create",
+        "pi_1First",
+    );
+    let first_event = event(&event_id(), "invoice.paid", first.clone());
+    assert_eq!(app.webhook(&first_event).await.status, 200);
+    assert_eq!(app.webhook(&first_event).await.body["duplicate"], true);
+    assert_eq!(
+        app.webhook(&event(&event_id(), "invoice.paid", first))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        app.balance(user.id).await,
+        300,
+        "one grant for the first invoice"
+    );
+    let renewal = invoice_basil(
+        "in_1MtHbELkdIwHu7ixRenewal",
+        "cus_Flow123",
+        sub,
+        "price_monthly",
+        "subscription_cycle",
+        user.id,
+    );
+    assert_eq!(
+        app.webhook(&event(&event_id(), "invoice.paid", renewal.clone()))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        app.webhook(&event(&event_id(), "invoice.paid", renewal))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.balance(user.id).await, 600, "one grant for the renewal");
+    let subscription_grants = app
+        .count("select count(*) from public.credit_transactions where user_id = $1 and source = 'subscription'", user.id)
+        .await;
+    assert_eq!(subscription_grants, 2);
+
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["subscription"]["status"], "active");
+    assert_eq!(me.body["subscription"]["plan"], plan.to_string());
+    assert_eq!(
+        me.body["subscription"]["current_period_end"],
+        "2030-03-17T17:46:40Z"
+    );
+    let (passed, report) = verify(&app).await;
+    assert!(passed, "{report}");
+}
+
+#[sqlx::test]
+async fn a_dispute_takes_back_the_disputed_share(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_d").await;
+    let (_, payment_intent, session) = paid_session(&user, pack, 100);
+    app.webhook(&event(&event_id(), "checkout.session.completed", session))
+        .await;
+
+    let disputed = app
+        .webhook(&event(
+            &event_id(),
+            "charge.dispute.created",
+            dispute("dp_1", "ch_disputed", &payment_intent, 999),
+        ))
+        .await;
+    assert_eq!(disputed.status, 200);
+    assert_eq!(app.balance(user.id).await, 0);
+    let refund = app.count("select count(*) from public.credit_transactions where user_id = $1 and source = 'refund'", user.id).await;
+    assert_eq!(refund, 1);
+}
+
+#[sqlx::test]
+async fn an_event_for_an_unknown_user_fails_so_stripe_retries(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let pack = new_pack(&app, 20, "one_time", "price_u").await;
+    let ghost = TestUser {
+        id: Uuid::new_v4(),
+        email: "ghost@example.com".into(),
+        token: String::new(),
+    };
+    let (_, _, session) = paid_session(&ghost, pack, 20);
+    let id = event_id();
+    let delivery = event(&id, "checkout.session.completed", session);
+
+    let failed = app.webhook(&delivery).await;
+    assert!(failed.status.is_server_error(), "{:?}", failed.body);
+    let (status, error, attempts) = event_status(&app, &id).await;
+    assert_eq!((status.as_str(), attempts), ("failed", 1));
+    assert!(error.unwrap().contains("no profile"));
+
+    // The user's sign-up lands; Stripe's retry then succeeds.
+    sqlx::query("insert into auth.users (id, email) values ($1, $2)")
+        .bind(ghost.id)
+        .bind(&ghost.email)
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    let retried = app.webhook(&delivery).await;
+    assert_eq!(retried.status, 200);
+    assert_eq!(retried.body["duplicate"], false);
+    assert_eq!(event_status(&app, &id).await.0, "processed");
+    assert_eq!(event_status(&app, &id).await.2, 2);
+    assert_eq!(app.balance(ghost.id).await, 20);
+}
+
+#[sqlx::test]
+async fn a_malformed_event_is_recorded_as_rejected_and_not_retried(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let id = event_id();
+    let delivery = event(
+        &id,
+        "checkout.session.completed",
+        json!({"id": "cs_broken", "object": "checkout.session"}),
+    );
+
+    let answer = app.webhook(&delivery).await;
+    assert_eq!(answer.status, 200);
+    let (status, error, _) = event_status(&app, &id).await;
+    assert_eq!(status, "rejected");
+    assert!(error.unwrap().contains("malformed"));
+    assert_eq!(app.webhook(&delivery).await.body["duplicate"], true);
+
+    let other = event_id();
+    assert_eq!(
+        app.webhook(&event(&other, "product.created", json!({"id": "prod_1"})))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(event_status(&app, &other).await.0, "ignored");
+}
+
+#[sqlx::test]
+async fn subscription_state_follows_the_newest_event(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let plan = new_pack(&app, 300, "subscription", "price_pro").await;
+    let sub = "sub_state";
+    let at = |created: i64, kind: &str, status: &str| {
+        let mut e = event(
+            &event_id(),
+            kind,
+            subscription(
+                sub,
+                "cus_state",
+                user.id,
+                plan,
+                "price_pro",
+                status,
+                1_900_000_000,
+            ),
+        );
+        e["created"] = json!(created);
+        e
+    };
+
+    app.webhook(&at(1_000, "customer.subscription.created", "incomplete"))
+        .await;
+    app.webhook(&at(3_000, "customer.subscription.updated", "past_due"))
+        .await;
+    // An older update delivered late is ignored.
+    app.webhook(&at(2_000, "customer.subscription.updated", "active"))
+        .await;
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["subscription"]["status"], "past_due");
+
+    app.webhook(&at(4_000, "customer.subscription.deleted", "canceled"))
+        .await;
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["subscription"]["status"], "canceled");
+    let customer: Option<String> =
+        sqlx::query_scalar("select stripe_customer_id from public.profiles where id = $1")
+            .bind(user.id)
+            .fetch_one(&app.owner)
+            .await
+            .unwrap();
+    assert_eq!(customer.as_deref(), Some("cus_state"));
+}
+
+#[sqlx::test]
+async fn checkout_retries_stripe_server_errors_and_reports_refusals_as_502(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 10, "one_time", "price_10").await;
+
+    stripe.state.fail_next.store(2, Ordering::SeqCst);
+    let recovered = app
+        .post(
+            "/v1/checkout/sessions",
+            Some(&user.token),
+            json!({"pack_id": pack}),
+        )
+        .await;
+    assert_eq!(recovered.status, 201, "{:?}", recovered.body);
+    let keys: Vec<Option<String>> = stripe
+        .requests()
+        .iter()
+        .map(|r| r.idempotency_key.clone())
+        .collect();
+    assert_eq!(keys.len(), 3);
+    assert!(
+        keys.iter().all(|k| k == &keys[0]),
+        "every retry carries the same Idempotency-Key"
+    );
+
+    *stripe.state.refuse.lock().unwrap() = Some((
+        400,
+        json!({"error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such price: 'price_10'"}}),
+    ));
+    let refused = app
+        .post(
+            "/v1/checkout/sessions",
+            Some(&user.token),
+            json!({"pack_id": pack}),
+        )
+        .await;
+    assert_eq!(refused.status, 502);
+    assert_eq!(refused.code(), "stripe_error");
+    assert!(
+        refused.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("No such price")
+    );
+    assert_eq!(stripe.requests().len(), 4, "a refusal is not retried");
+
+    *stripe.state.refuse.lock().unwrap() = Some((503, json!({"error": {"message": "down"}})));
+    let down = app
+        .post(
+            "/v1/checkout/sessions",
+            Some(&user.token),
+            json!({"pack_id": pack}),
+        )
+        .await;
+    assert_eq!(down.status, 502);
+    assert_eq!(
+        stripe.requests().len(),
+        7,
+        "three attempts on server errors"
+    );
+}
+
+#[sqlx::test]
+async fn checkout_redirects_stay_on_the_configured_origin(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 10, "one_time", "price_o").await;
+
+    let own = app
+        .post(
+            "/v1/checkout/sessions",
+            Some(&user.token),
+            json!({"pack_id": pack, "success_url": "https://app.amethyst.test/done?session={CHECKOUT_SESSION_ID}"}),
+        )
+        .await;
+    assert_eq!(own.status, 201);
+    assert_eq!(
+        stripe.requests()[0].field("success_url"),
+        Some("https://app.amethyst.test/done?session={CHECKOUT_SESSION_ID}")
+    );
+    for evil in [
+        "https://evil.example/steal",
+        "https://app.amethyst.test@evil.example/",
+        "http://app.amethyst.test/downgrade",
+        "javascript:alert(1)",
+    ] {
+        let refused = app
+            .post(
+                "/v1/checkout/sessions",
+                Some(&user.token),
+                json!({"pack_id": pack, "cancel_url": evil}),
+            )
+            .await;
+        assert_eq!(refused.status, 422, "{evil}");
+        assert_eq!(refused.body["errors"][0]["field"], "cancel_url");
+    }
+    assert_eq!(stripe.requests().len(), 1);
+
+    let unknown = app
+        .post(
+            "/v1/checkout/sessions",
+            Some(&user.token),
+            json!({"pack_id": Uuid::new_v4()}),
+        )
+        .await;
+    assert_eq!(unknown.status, 422);
+    assert_eq!(unknown.body["errors"][0]["field"], "pack_id");
+}
+
+#[sqlx::test]
+async fn a_replayed_checkout_creates_one_session(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let _ = pool;
+    let (app, stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 10, "subscription", "price_sub").await;
+
+    let first = app
+        .post_with_key(
+            "/v1/checkout/sessions",
+            &user.token,
+            "k1",
+            json!({"pack_id": pack}),
+        )
+        .await;
+    let second = app
+        .post_with_key(
+            "/v1/checkout/sessions",
+            &user.token,
+            "k1",
+            json!({"pack_id": pack}),
+        )
+        .await;
+
+    assert_eq!(first.status, 201);
+    assert_eq!(second.headers["idempotent-replayed"], "true");
+    assert_eq!(second.body, first.body);
+    assert_eq!(stripe.requests().len(), 1);
+    assert_eq!(stripe.requests()[0].field("mode"), Some("subscription"));
+    assert!(
+        stripe.requests()[0]
+            .field("subscription_data[metadata][user_id]")
+            .is_some()
+    );
+}
+
+#[sqlx::test]
+async fn without_stripe_settings_checkout_and_webhooks_answer_503(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+
+    let checkout = app
+        .post(
+            "/v1/checkout/sessions",
+            Some(&user.token),
+            json!({"pack_id": Uuid::new_v4()}),
+        )
+        .await;
+    assert_eq!(checkout.status, 503);
+    assert_eq!(checkout.code(), "stripe_not_configured");
+    let webhook = app.webhook(&event(&event_id(), "ping", json!({}))).await;
+    assert_eq!(webhook.status, 503);
+    assert_eq!(webhook.code(), "stripe_not_configured");
+}
+
+#[sqlx::test]
+async fn webhooks_take_a_megabyte_and_no_more(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let big = event(
+        &event_id(),
+        "product.updated",
+        json!({"id": "prod_1", "description": "x".repeat(200 * 1024)}),
+    );
+    assert_eq!(
+        app.webhook(&big).await.status,
+        200,
+        "larger than 64 KiB is fine for webhooks"
+    );
+    let huge = event(
+        &event_id(),
+        "product.updated",
+        json!({"id": "prod_1", "description": "x".repeat(1024 * 1024)}),
+    );
+    let refused = app.webhook(&huge).await;
+    assert_eq!(refused.status, 413);
+    assert_eq!(refused.code(), "payload_too_large");
+}
