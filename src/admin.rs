@@ -7,19 +7,20 @@ use axum::Json;
 use axum::extract::{OriginalUri, State};
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::AdminCaller;
 use crate::credits::{self, BalanceChange, Transaction, check_text};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::extract::{ApiJson, ApiQuery, IdPath, List, PageParams, bad_cursor};
+use crate::extract::{
+    ApiJson, ApiQuery, IdPath, List, PageParams, parse_time_id, time_id_position,
+};
 use crate::idempotency::{self, IdempotencyKey, Stored};
 use crate::profile_columns;
 use crate::profiles::{self, Profile, ProfileRow};
@@ -82,16 +83,7 @@ pub async fn search_users(
         ));
     }
     // The cursor holds the last row's (created_at, id).
-    let after: Option<(DateTime<Utc>, Uuid)> = match &page.cursor {
-        None => None,
-        Some(position) => {
-            let (at, id) = position.split_once('|').ok_or_else(bad_cursor)?;
-            let at = DateTime::parse_from_rfc3339(at)
-                .map_err(|_| bad_cursor())?
-                .with_timezone(&Utc);
-            Some((at, Uuid::parse_str(id).map_err(|_| bad_cursor())?))
-        }
-    };
+    let after = page.cursor.as_deref().map(parse_time_id).transpose()?;
     let pattern = email.map(|e| format!("%{}%", escape_like(&e)));
     let rows: Vec<ProfileRow> = sqlx::query_as(concat!(
         "select ",
@@ -110,12 +102,7 @@ pub async fn search_users(
     .await?;
     let profiles: Vec<Profile> = rows.into_iter().map(Profile::from).collect();
     Ok(Json(List::from_rows(profiles, page.limit, |p| {
-        format!(
-            "{}|{}",
-            p.created_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            p.id
-        )
+        time_id_position(&p.created_at, &p.id)
     })))
 }
 

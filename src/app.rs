@@ -26,7 +26,9 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::extract::BODY_LIMIT_BYTES;
 use crate::rate_limit::{self, RateLimiter};
-use crate::{admin, ads, credits, db, openapi, packs, profiles, stripe, telemetry};
+use crate::{
+    admin, ads, credits, db, images, maintenance, openapi, packs, profiles, stripe, telemetry,
+};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -79,6 +81,8 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(packs::router())
         .merge(admin::router())
         .merge(stripe::router())
+        .merge(images::router())
+        .merge(maintenance::router())
         .split_for_parts();
     let (ops_router, ops_api) = OpenApiRouter::new()
         .routes(routes!(health))

@@ -10,7 +10,7 @@ use sqlx::Connection;
 use uuid::Uuid;
 
 use crate::config::{Config, DEV_JWT_SECRET, LogFormat};
-use crate::{AppState, app, db, openapi, telemetry, verify};
+use crate::{AppState, app, db, maintenance, openapi, telemetry, verify};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +38,20 @@ pub enum Command {
     Migrate,
     /// Check the schema, the privileges and the ledger; exit non-zero on any failure.
     Verify,
+    /// Run the daily, weekly or monthly maintenance once and print what it found.
+    Maintenance {
+        #[arg(value_enum)]
+        task: maintenance::Task,
+        /// Monthly: archive credit transactions older than this many months.
+        #[arg(long, env = "ARCHIVE_AFTER_MONTHS", default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=1200))]
+        archive_after_months: u32,
+        /// Monthly: rows moved per transaction.
+        #[arg(long, env = "ARCHIVE_BATCH_SIZE", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        batch_size: u32,
+        /// Monthly: seconds to pause between batches.
+        #[arg(long, default_value_t = 0.0)]
+        pause_seconds: f64,
+    },
     /// Mint an HS256 access token with the configured secret, for local trials.
     Token {
         /// The user id (`sub`).
@@ -107,6 +121,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = verify::run(&mut conn).await?;
             println!("{report}");
             Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Maintenance {
+            task,
+            archive_after_months,
+            batch_size,
+            pause_seconds,
+        } => {
+            telemetry::init_logging(config.log_format);
+            let options = db::connect_options(&config.database_url)?;
+            let mut conn = sqlx::PgConnection::connect_with(&options)
+                .await
+                .context("could not connect to the database")?;
+            let archival = maintenance::Archival {
+                older_than_months: archive_after_months,
+                batch_size,
+                pause_seconds: pause_seconds.max(0.0),
+            };
+            let run = maintenance::run(&mut conn, task, archival)
+                .await
+                .context("maintenance failed")?;
+            tracing::info!(task = %task, run = run.id, outcome = %run.outcome, findings = %run.findings, "maintenance finished");
+            println!("{}", serde_json::to_string_pretty(&run)?);
+            Ok(if run.outcome == "ok" {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

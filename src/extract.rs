@@ -159,6 +159,26 @@ fn open_cursor(raw: &str) -> Result<String, ApiError> {
         .ok_or_else(invalid)
 }
 
+/// The position of a row in a list ordered by `(created_at desc, id desc)`.
+pub fn time_id_position(at: &chrono::DateTime<chrono::Utc>, id: &uuid::Uuid) -> String {
+    format!(
+        "{}|{id}",
+        at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    )
+}
+
+/// Reads a position written by [`time_id_position`].
+pub fn parse_time_id(
+    position: &str,
+) -> Result<(chrono::DateTime<chrono::Utc>, uuid::Uuid), ApiError> {
+    let (at, id) = position.split_once('|').ok_or_else(bad_cursor)?;
+    let at = chrono::DateTime::parse_from_rfc3339(at).map_err(|_| bad_cursor())?;
+    Ok((
+        at.with_timezone(&chrono::Utc),
+        uuid::Uuid::parse_str(id).map_err(|_| bad_cursor())?,
+    ))
+}
+
 /// The error for a cursor whose payload does not parse.
 pub fn bad_cursor() -> ApiError {
     ApiError::field("cursor", "not a cursor returned by this list")

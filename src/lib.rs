@@ -16,6 +16,8 @@ pub mod db;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
+pub mod images;
+pub mod maintenance;
 pub mod openapi;
 pub mod packs;
 pub mod profiles;

@@ -18,6 +18,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
         (name = "profile", description = "The signed-in user's profile"),
         (name = "credits", description = "Balances, history, spending and the pack catalogue"),
         (name = "ads", description = "Rewarded ad views"),
+        (name = "images", description = "The signed-in user's images"),
         (name = "stripe", description = "Stripe webhooks (signed with the endpoint's secret)"),
         (name = "admin", description = "Admin tools (service_role key or an admin's token)"),
         (name = "operations", description = "Health, readiness and metrics"),

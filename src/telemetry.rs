@@ -86,6 +86,27 @@ fn describe() {
         "ad_views_total",
         "Rewarded ad views, by outcome (accepted, refused)."
     );
+    describe_counter!(
+        "stripe_webhook_events_total",
+        "Stripe events received, by type and outcome (processed, ignored, duplicate, failed, rejected)."
+    );
+    describe_counter!(
+        "stripe_webhook_signature_failures_total",
+        "Webhook deliveries refused for their signature, by reason."
+    );
+    describe_counter!(
+        "maintenance_runs_total",
+        "Maintenance runs started by this process (the CLI), by task and outcome."
+    );
+    describe_gauge!(
+        "maintenance_last_run_timestamp_seconds",
+        Unit::Seconds,
+        "When each maintenance task last ran (CLI or pg_cron), as a Unix time."
+    );
+    describe_gauge!(
+        "maintenance_last_run_outcome",
+        "1 for the outcome of each task's last run (ok, findings, failed, interrupted, running), else 0."
+    );
 }
 
 /// Counts and times every request by its route template (never the raw path, whose ids
@@ -136,6 +157,9 @@ pub async fn metrics_endpoint(State(state): State<AppState>) -> impl IntoRespons
         .set(f64::from(size.saturating_sub(idle)));
     metrics::gauge!("db_pool_max_connections")
         .set(f64::from(state.pool.options().get_max_connections()));
+    if let Err(err) = crate::maintenance::record_last_runs(&state.pool).await {
+        tracing::warn!(error = %err, "could not read the maintenance runs for /metrics");
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

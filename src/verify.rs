@@ -197,28 +197,16 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
             .collect(),
     );
 
-    // CONTRACT §5: credits = sum(amount) = newest balance_after, for every profile.
+    // CONTRACT §5: credits = sum(amount) = newest balance_after, for every profile, archived
+    // transactions included (the same check as the daily maintenance).
     let broken: Vec<(Uuid, i32, i64, Option<i32>)> = sqlx::query_as(
-        "with totals as (
-           select user_id, sum(amount)::bigint as total from public.credit_transactions group by user_id
-         ),
-         newest as (
-           select distinct on (user_id) user_id, balance_after
-             from public.credit_transactions order by user_id, seq desc
-         )
-         select p.id, p.credits, coalesce(t.total, 0), n.balance_after
-           from public.profiles p
-           left join totals t on t.user_id = p.id
-           left join newest n on n.user_id = p.id
-          where p.credits <> coalesce(t.total, 0)
-             or p.credits <> coalesce(n.balance_after, 0)
-          order by p.id
-          limit 1000",
+        "select user_id, credits, ledger_total, newest_balance_after
+           from public.ledger_discrepancies() order by user_id limit 1000",
     )
     .fetch_all(&mut *conn)
     .await?;
     report.add(
-        "ledger: every balance equals the sum of its transactions and the newest balance_after",
+        "ledger: every balance equals the sum of its transactions (archive included) and the newest balance_after",
         broken
             .into_iter()
             .map(|(id, credits, total, newest)| {

@@ -1,0 +1,120 @@
+//! The caller's images (generated and reference, with metadata and analysis):
+//! `GET /v1/me/images` and `GET /v1/me/images/{id}`. Read as the user: RLS shows owners
+//! their own images only.
+
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::AuthUser;
+use crate::db;
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::extract::{ApiQuery, IdPath, List, PageParams, parse_time_id, time_id_position};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_images))
+        .routes(routes!(get_image))
+}
+
+#[derive(Debug, Serialize, Deserialize, FromRow, ToSchema)]
+pub struct Image {
+    pub id: Uuid,
+    /// `generated` or `reference`.
+    pub kind: String,
+    /// Where the file is in Supabase Storage.
+    pub storage_bucket: String,
+    pub storage_path: String,
+    pub prompt: Option<String>,
+    pub model: Option<String>,
+    pub width: Option<i32>,
+    pub height: Option<i32>,
+    pub mime_type: Option<String>,
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+    /// Results of image analysis, when done.
+    #[schema(value_type = Option<Object>)]
+    pub analysis: Option<serde_json::Value>,
+    /// The spend that paid for a generated image.
+    pub transaction_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+}
+
+const IMAGE_COLUMNS: &str = "id, kind, storage_bucket, storage_path, prompt, model, width, height, mime_type, \
+                             metadata, analysis, transaction_id, created_at";
+
+/// The caller's images, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/me/images",
+    tag = "images",
+    security(("bearer" = [])),
+    params(PageParams),
+    responses(
+        (status = 200, body = List<Image>),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_images(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiQuery(params): ApiQuery<PageParams>,
+) -> ApiResult<Json<List<Image>>> {
+    let page = params.check()?;
+    let after = page.cursor.as_deref().map(parse_time_id).transpose()?;
+    let mut tx = db::begin_as_user(&state.pool, &user).await?;
+    // RLS limits the rows to the caller's; the user_id condition lets the index serve it.
+    let rows: Vec<Image> = sqlx::query_as(&format!(
+        "select {IMAGE_COLUMNS} from public.images
+          where user_id = $1 and ($2::timestamptz is null or (created_at, id) < ($2, $3))
+          order by created_at desc, id desc limit $4"
+    ))
+    .bind(user.id)
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
+    .bind(page.limit + 1)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Json(List::from_rows(rows, page.limit, |i| {
+        time_id_position(&i.created_at, &i.id)
+    })))
+}
+
+/// One of the caller's images; another user's image is not found.
+#[utoipa::path(
+    get,
+    path = "/v1/me/images/{id}",
+    tag = "images",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, body = Image),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_image(
+    State(state): State<AppState>,
+    user: AuthUser,
+    IdPath(id): IdPath,
+) -> ApiResult<Json<Image>> {
+    let mut tx = db::begin_as_user(&state.pool, &user).await?;
+    let image: Option<Image> = sqlx::query_as(&format!(
+        "select {IMAGE_COLUMNS} from public.images where id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    image.map(Json).ok_or(ApiError::NotFound("image"))
+}

@@ -1,0 +1,179 @@
+//! Maintenance (source document, "Maintenance"): the daily, weekly and monthly tasks. The work
+//! itself is `public.run_maintenance` (see the maintenance migration), which pg_cron also
+//! calls; this module runs it from the CLI and shows its runs to admins.
+
+use std::fmt;
+use std::str::FromStr;
+
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{FromRow, PgConnection};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::AppState;
+use crate::auth::AdminCaller;
+use crate::error::{ApiResult, Problem};
+use crate::extract::{ApiQuery, List, PageParams, bad_cursor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Task {
+    /// Ledger check, unsettled Stripe events, expired idempotency records, ANALYZE.
+    Daily,
+    /// Slow queries, unused, duplicate and bloated indexes, tables without RLS.
+    Weekly,
+    /// Archive old credit transactions, in batches.
+    Monthly,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Daily => "daily",
+            Task::Weekly => "weekly",
+            Task::Monthly => "monthly",
+        }
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Task {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "daily" => Ok(Task::Daily),
+            "weekly" => Ok(Task::Weekly),
+            "monthly" => Ok(Task::Monthly),
+            _ => Err(format!("{s:?} is not daily, weekly or monthly")),
+        }
+    }
+}
+
+/// How the monthly archival runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Archival {
+    /// Transactions older than this many months move to the archive.
+    pub older_than_months: u32,
+    pub batch_size: u32,
+    /// Pause between batches, to spread the load (seconds).
+    pub pause_seconds: f64,
+}
+
+impl Default for Archival {
+    fn default() -> Self {
+        Self {
+            older_than_months: 12,
+            batch_size: 5000,
+            pause_seconds: 0.0,
+        }
+    }
+}
+
+/// One recorded run.
+#[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema)]
+pub struct MaintenanceRun {
+    pub id: i64,
+    /// `daily`, `weekly` or `monthly`.
+    pub task: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// `running`, `ok`, `findings`, `failed` or `interrupted`.
+    pub outcome: String,
+    /// What each step found, by step.
+    #[schema(value_type = Object)]
+    pub findings: serde_json::Value,
+}
+
+/// Runs `task` once on `conn`, which must not be inside a transaction: the monthly archival
+/// commits after every batch.
+pub async fn run(
+    conn: &mut PgConnection,
+    task: Task,
+    archival: Archival,
+) -> Result<MaintenanceRun, sqlx::Error> {
+    let (run_id,): (i64,) = sqlx::query_as(
+        "call public.run_maintenance($1, null, make_interval(months => $2), $3, $4)",
+    )
+    .bind(task.as_str())
+    .bind(archival.older_than_months as i32)
+    .bind(archival.batch_size.max(1) as i32)
+    .bind(archival.pause_seconds)
+    .fetch_one(&mut *conn)
+    .await?;
+    let run: MaintenanceRun =
+        sqlx::query_as("select id, task, started_at, finished_at, outcome, findings from public.maintenance_runs where id = $1")
+            .bind(run_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    metrics::counter!("maintenance_runs_total", "task" => task.as_str(), "outcome" => run.outcome.clone()).increment(1);
+    Ok(run)
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_runs))
+}
+
+/// Maintenance runs, newest first (from the CLI and from pg_cron alike).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/maintenance",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(PageParams),
+    responses(
+        (status = 200, body = List<MaintenanceRun>),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_runs(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    ApiQuery(params): ApiQuery<PageParams>,
+) -> ApiResult<Json<List<MaintenanceRun>>> {
+    let page = params.check()?;
+    let before: Option<i64> = match &page.cursor {
+        None => None,
+        Some(position) => Some(position.parse().map_err(|_| bad_cursor())?),
+    };
+    let rows: Vec<MaintenanceRun> = sqlx::query_as(
+        "select id, task, started_at, finished_at, outcome, findings from public.maintenance_runs
+          where ($1::bigint is null or id < $1)
+          order by id desc limit $2",
+    )
+    .bind(before)
+    .bind(page.limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(List::from_rows(rows, page.limit, |r| {
+        r.id.to_string()
+    })))
+}
+
+/// Recent outcomes for `/metrics`: when each task last ran, and how it went.
+pub async fn record_last_runs(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    let rows: Vec<(String, String, f64)> = sqlx::query_as(
+        "select distinct on (task) task, outcome, extract(epoch from coalesce(finished_at, started_at))::float8
+           from public.maintenance_runs order by task, id desc",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (task, outcome, at) in rows {
+        metrics::gauge!("maintenance_last_run_timestamp_seconds", "task" => task.clone()).set(at);
+        for candidate in ["ok", "findings", "failed", "interrupted", "running"] {
+            metrics::gauge!("maintenance_last_run_outcome", "task" => task.clone(), "outcome" => candidate)
+                .set(if candidate == outcome { 1.0 } else { 0.0 });
+        }
+    }
+    Ok(())
+}
