@@ -118,6 +118,25 @@ begin
 end;
 $$;
 
+-- Serializes everything done about one payment: a grant and a refund of the same payment
+-- intent or charge, handled by two concurrent events, must not each miss the other's row.
+create function public.stripe_lock_payment(payment_intent text, charge text) returns void
+language plpgsql volatile
+set search_path = ''
+as $$
+begin
+  -- Payment intent first, then charge, in every caller: no lock-order deadlock.
+  if stripe_lock_payment.payment_intent is not null then
+    perform pg_catalog.pg_advisory_xact_lock(
+      pg_catalog.hashtextextended('stripe payment ' || stripe_lock_payment.payment_intent, 0));
+  end if;
+  if stripe_lock_payment.charge is not null then
+    perform pg_catalog.pg_advisory_xact_lock(
+      pg_catalog.hashtextextended('stripe payment ' || stripe_lock_payment.charge, 0));
+  end if;
+end;
+$$;
+
 -- Grants a Stripe object's credits once. Returns the grant's id, or null when this object has
 -- granted before. A refund that arrived before the grant is settled right away.
 create function public.stripe_grant(
@@ -144,6 +163,7 @@ begin
   if not exists (select 1 from public.profiles p where p.id = stripe_grant.user_id) then
     raise exception 'profile not found' using errcode = 'AC404';
   end if;
+  perform public.stripe_lock_payment(stripe_grant.payment_intent, stripe_grant.charge);
 
   insert into public.stripe_grants (kind, stripe_object_id, user_id, pack_id, credits, amount, currency,
                                     payment_intent, charge, event_id)
@@ -179,6 +199,7 @@ as $$
 declare
   affected uuid;
 begin
+  perform public.stripe_lock_payment(stripe_record_charge.payment_intent, stripe_record_charge.charge_id);
   insert into public.stripe_charges as c (id, payment_intent, amount, amount_refunded, amount_disputed)
   values (stripe_record_charge.charge_id, stripe_record_charge.payment_intent, stripe_record_charge.amount,
           coalesce(stripe_record_charge.amount_refunded, 0), coalesce(stripe_record_charge.amount_disputed, 0))
@@ -217,6 +238,7 @@ create policy stripe_grants_select_own_or_admin on public.stripe_grants
   using (user_id = (select auth.uid()) or (select public.is_admin()));
 
 revoke all on function public.stripe_settle_grant(uuid) from public, anon, authenticated;
+revoke all on function public.stripe_lock_payment(text, text) from public, anon, authenticated;
 revoke all on function public.stripe_grant(text, text, uuid, uuid, integer, integer, text, text, text, text, text, text)
   from public, anon, authenticated;
 revoke all on function public.stripe_record_charge(text, text, integer, integer, integer) from public, anon, authenticated;

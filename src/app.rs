@@ -113,6 +113,7 @@ pub fn app(state: AppState) -> Router {
         .merge(v1_layers)
         .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
         .fallback(not_found)
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(telemetry::track_requests))
         .layer(middleware::from_fn(move |req: Request, next: Next| time_limit(timeout, req, next)))
         .layer(cors(&state.config))

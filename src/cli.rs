@@ -107,14 +107,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { dev, no_migrate } => serve(config, dev, no_migrate).await,
         Command::Migrate => {
             telemetry::init_logging(config.log_format);
-            let options = db::connect_options(&config.database_url)?;
+            let options = db::connect_options(config.database_url.expose())?;
             db::ensure_database(&options).await?;
             db::migrate(&options).await?;
             tracing::info!("migrations are current");
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify => {
-            let options = db::connect_options(&config.database_url)?;
+            let options = db::connect_options(config.database_url.expose())?;
             let mut conn = sqlx::PgConnection::connect_with(&options)
                 .await
                 .context("could not connect to the database")?;
@@ -133,7 +133,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pause_seconds,
         } => {
             telemetry::init_logging(config.log_format);
-            let options = db::connect_options(&config.database_url)?;
+            let options = db::connect_options(config.database_url.expose())?;
             let mut conn = sqlx::PgConnection::connect_with(&options)
                 .await
                 .context("could not connect to the database")?;
@@ -236,7 +236,7 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
         tracing::debug!(?config, "configuration");
     }
 
-    let options = db::connect_options(&config.database_url)?;
+    let options = db::connect_options(config.database_url.expose())?;
     db::ensure_database(&options).await?;
     if !no_migrate {
         db::migrate(&options).await?;

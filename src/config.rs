@@ -56,7 +56,8 @@ pub struct StripeConfig {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub database_url: String,
+    /// May hold a password: printed only on purpose.
+    pub database_url: Secret,
     pub database_max_connections: u32,
     pub bind_addr: SocketAddr,
     pub jwt: JwtConfig,
@@ -101,7 +102,8 @@ impl Config {
                 .filter(|v| !v.is_empty())
         };
 
-        let database_url = get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        let database_url =
+            Secret::new(get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()));
         let database_max_connections = parse_number(
             "DATABASE_MAX_CONNECTIONS",
             get("DATABASE_MAX_CONNECTIONS"),

@@ -51,6 +51,8 @@ pub enum ApiError {
     AnonymousUser,
     #[error("{0} not found")]
     NotFound(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("profile not found")]
     ProfileNotFound,
     #[error("validation failed")]
@@ -71,7 +73,7 @@ pub enum ApiError {
     StripeNotConfigured,
     /// Stripe's API refused or failed a request (502).
     #[error("stripe error: {0}")]
-    Stripe(String),
+    Stripe(&'static str),
     #[error("unavailable: {0}")]
     Unavailable(&'static str),
     #[error("internal error: {0:#}")]
@@ -89,6 +91,7 @@ impl ApiError {
             Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) | Self::AnonymousUser => StatusCode::FORBIDDEN,
             Self::NotFound(_) | Self::ProfileNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Validation(_) | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InsufficientCredits => StatusCode::PAYMENT_REQUIRED,
             Self::DailyAdLimitReached { .. } | Self::RateLimited { .. } => {
@@ -108,6 +111,7 @@ impl ApiError {
             Self::Forbidden(_) => "forbidden",
             Self::AnonymousUser => "anonymous_user",
             Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::ProfileNotFound => "profile_not_found",
             Self::Validation(_) => "validation_failed",
             Self::InsufficientCredits => "insufficient_credits",
@@ -129,6 +133,7 @@ impl ApiError {
             Self::Forbidden(_) => "Forbidden",
             Self::AnonymousUser => "Anonymous users cannot do this",
             Self::NotFound(_) => "Not found",
+            Self::MethodNotAllowed => "Method not allowed",
             Self::ProfileNotFound => "Profile not found",
             Self::Validation(_) => "The request is not valid",
             Self::InsufficientCredits => "Not enough credits",
@@ -153,6 +158,7 @@ impl ApiError {
                     .to_owned()
             }
             Self::NotFound(what) => format!("No {what} matches this request."),
+            Self::MethodNotAllowed => "This route does not take this method.".to_owned(),
             Self::ProfileNotFound => "No profile exists for this user.".to_owned(),
             Self::Validation(errors) => {
                 let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();

@@ -160,3 +160,96 @@ where
     tx.commit().await?;
     Ok(stored.into_response(false))
 }
+
+/// Like [`run`], for work done outside the database (a call to Stripe): no connection is held
+/// while it runs. The key is claimed in a short transaction of its own; a concurrent request
+/// with the same key polls until the answer is stored (or the claim is released by a failure,
+/// or abandoned by a crashed process for over a minute, when it claims the key itself).
+pub async fn run_external<Fut>(
+    pool: &PgPool,
+    owner: &str,
+    key: Option<&str>,
+    request_hash: Vec<u8>,
+    work: impl FnOnce() -> Fut,
+) -> ApiResult<Response>
+where
+    Fut: Future<Output = ApiResult<Stored>>,
+{
+    let Some(key) = key else {
+        return Ok(work().await?.into_response(false));
+    };
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(35);
+    loop {
+        let claimed: Option<i32> = sqlx::query_scalar(
+            "insert into public.idempotency_keys (owner, key, request_hash)
+             values ($1, $2, $3)
+             on conflict (owner, key) do update
+                set request_hash = excluded.request_hash, status_code = null, response_body = null,
+                    created_at = now()
+              where public.idempotency_keys.created_at < now() - interval '24 hours'
+                 or (public.idempotency_keys.status_code is null
+                     and public.idempotency_keys.created_at < now() - interval '60 seconds')
+             returning 1",
+        )
+        .bind(owner)
+        .bind(key)
+        .bind(&request_hash)
+        .fetch_optional(pool)
+        .await?;
+
+        if claimed.is_some() {
+            return match work().await {
+                Ok(stored) => {
+                    sqlx::query(
+                        "update public.idempotency_keys set status_code = $3, response_body = $4
+                          where owner = $1 and key = $2",
+                    )
+                    .bind(owner)
+                    .bind(key)
+                    .bind(stored.status.as_u16() as i16)
+                    .bind(&stored.body)
+                    .execute(pool)
+                    .await?;
+                    Ok(stored.into_response(false))
+                }
+                Err(err) => {
+                    // Release the claim: a retry with this key runs afresh.
+                    sqlx::query("delete from public.idempotency_keys where owner = $1 and key = $2 and status_code is null")
+                        .bind(owner)
+                        .bind(key)
+                        .execute(pool)
+                        .await?;
+                    Err(err)
+                }
+            };
+        }
+
+        let row: Option<(Vec<u8>, Option<i16>, Option<Vec<u8>>)> = sqlx::query_as(
+            "select request_hash, status_code, response_body
+               from public.idempotency_keys where owner = $1 and key = $2",
+        )
+        .bind(owner)
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
+        match row {
+            None => continue,
+            Some((stored_hash, _, _)) if stored_hash != request_hash => {
+                return Err(ApiError::IdempotencyKeyReused);
+            }
+            Some((_, Some(status), Some(body))) => {
+                let status = StatusCode::from_u16(status as u16)
+                    .map_err(|e| ApiError::Internal(e.into()))?;
+                return Ok(Stored { status, body }.into_response(true));
+            }
+            Some(_) => {
+                if std::time::Instant::now() > give_up {
+                    return Err(ApiError::Unavailable(
+                        "a request with this Idempotency-Key is still in progress",
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

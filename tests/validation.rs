@@ -372,9 +372,25 @@ async fn a_malformed_idempotency_key_is_refused(pool: PgPoolOptions, connect: Pg
 }
 
 #[sqlx::test]
-async fn unknown_routes_answer_a_problem_404(pool: PgPoolOptions, connect: PgConnectOptions) {
+async fn unknown_routes_and_methods_answer_problems(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let app = TestApp::new(pool, connect).await;
     let response = app.get("/v1/nothing-here", None).await;
     assert_eq!(response.status, 404);
     assert_eq!(response.code(), "not_found");
+    let user = app.user().await;
+    let wrong = app
+        .send(request(
+            Method::DELETE,
+            "/v1/me",
+            Some(&user.token),
+            None,
+            &[],
+        ))
+        .await;
+    assert_eq!(wrong.status, 405);
+    assert_eq!(wrong.code(), "method_not_allowed");
+    assert_eq!(wrong.headers["content-type"], "application/problem+json");
 }

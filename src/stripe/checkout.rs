@@ -192,8 +192,8 @@ pub async fn create_session(
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
     let http = state.http.clone();
     let api_base = stripe.api_base.clone();
-    idempotency::run(&state.pool, &user_id, key.as_deref(), hash, move |_conn| {
-        Box::pin(async move {
+    idempotency::run_external(&state.pool, &user_id, key.as_deref(), hash, || {
+        async move {
             let client = StripeClient {
                 http: &http,
                 api_base: &api_base,
@@ -203,16 +203,21 @@ pub async fn create_session(
                 .create_checkout_session(&form, &stripe_key)
                 .await
                 .map_err(|err| {
+                    // Stripe's own message stays in the log: it can quote the API key's last
+                    // characters or other accounts' ids.
                     tracing::warn!(error = %err, "creating a Checkout Session failed");
-                    match err {
-                        StripeApiError::Refused { .. } | StripeApiError::Unavailable(_) => {
-                            ApiError::Stripe(err.to_string())
+                    ApiError::Stripe(match err {
+                        StripeApiError::Refused { .. } => {
+                            "Stripe refused to create the checkout session"
                         }
-                    }
+                        StripeApiError::Unavailable(_) => {
+                            "Stripe could not be reached; try again shortly"
+                        }
+                    })
                 })?;
-            let url = session.url.ok_or_else(|| {
-                ApiError::Stripe("Stripe returned a session without a URL".to_owned())
-            })?;
+            let url = session
+                .url
+                .ok_or(ApiError::Stripe("Stripe returned a session without a URL"))?;
             Stored::json(
                 StatusCode::CREATED,
                 &CheckoutSession {
@@ -220,7 +225,7 @@ pub async fn create_session(
                     url,
                 },
             )
-        })
+        }
     })
     .await
 }
