@@ -125,25 +125,13 @@ where
 
     if claimed.is_none() {
         tx.rollback().await?;
-        let (stored_hash, status, body): (Vec<u8>, Option<i16>, Option<Vec<u8>>) = sqlx::query_as(
-            "select request_hash, status_code, response_body
-               from public.idempotency_keys where owner = $1 and key = $2",
-        )
-        .bind(owner)
-        .bind(key)
-        .fetch_one(pool)
-        .await?;
-        if stored_hash != request_hash {
-            return Err(ApiError::IdempotencyKeyReused);
-        }
-        let (Some(status), Some(body)) = (status, body) else {
-            return Err(ApiError::Internal(anyhow::anyhow!(
+        // The other request committed (we waited for it on the key's row): its answer is there.
+        return match lookup(pool, owner, key, &request_hash).await? {
+            Lookup::Answer(response) => Ok(response),
+            Lookup::Missing | Lookup::Pending => Err(ApiError::Internal(anyhow::anyhow!(
                 "idempotency record without an answer"
-            )));
+            ))),
         };
-        let status =
-            StatusCode::from_u16(status as u16).map_err(|e| ApiError::Internal(e.into()))?;
-        return Ok(Stored { status, body }.into_response(true));
     }
 
     let stored = work(&mut tx).await?;
@@ -224,25 +212,10 @@ where
             };
         }
 
-        let row: Option<(Vec<u8>, Option<i16>, Option<Vec<u8>>)> = sqlx::query_as(
-            "select request_hash, status_code, response_body
-               from public.idempotency_keys where owner = $1 and key = $2",
-        )
-        .bind(owner)
-        .bind(key)
-        .fetch_optional(pool)
-        .await?;
-        match row {
-            None => continue,
-            Some((stored_hash, _, _)) if stored_hash != request_hash => {
-                return Err(ApiError::IdempotencyKeyReused);
-            }
-            Some((_, Some(status), Some(body))) => {
-                let status = StatusCode::from_u16(status as u16)
-                    .map_err(|e| ApiError::Internal(e.into()))?;
-                return Ok(Stored { status, body }.into_response(true));
-            }
-            Some(_) => {
+        match lookup(pool, owner, key, &request_hash).await? {
+            Lookup::Answer(response) => return Ok(response),
+            Lookup::Missing => continue,
+            Lookup::Pending => {
                 if std::time::Instant::now() > give_up {
                     return Err(ApiError::Unavailable(
                         "a request with this Idempotency-Key is still in progress",
@@ -251,5 +224,47 @@ where
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+enum Lookup {
+    /// No record: the key is free (again).
+    Missing,
+    /// Claimed, the answer not stored yet.
+    Pending,
+    /// The stored answer, to replay.
+    Answer(Response),
+}
+
+#[derive(sqlx::FromRow)]
+struct Record {
+    request_hash: Vec<u8>,
+    status_code: Option<i16>,
+    response_body: Option<Vec<u8>>,
+}
+
+/// What is stored under (owner, key); a different request under the key is refused.
+async fn lookup(pool: &PgPool, owner: &str, key: &str, request_hash: &[u8]) -> ApiResult<Lookup> {
+    let record: Option<Record> = sqlx::query_as(
+        "select request_hash, status_code, response_body
+           from public.idempotency_keys where owner = $1 and key = $2",
+    )
+    .bind(owner)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    match record {
+        None => Ok(Lookup::Missing),
+        Some(r) if r.request_hash != request_hash => Err(ApiError::IdempotencyKeyReused),
+        Some(Record {
+            status_code: Some(status),
+            response_body: Some(body),
+            ..
+        }) => {
+            let status =
+                StatusCode::from_u16(status as u16).map_err(|e| ApiError::Internal(e.into()))?;
+            Ok(Lookup::Answer(Stored { status, body }.into_response(true)))
+        }
+        Some(_) => Ok(Lookup::Pending),
     }
 }
