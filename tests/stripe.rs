@@ -916,3 +916,53 @@ async fn concurrent_checkouts_with_one_key_create_one_session(
     );
     assert_eq!(stripe.requests().len(), 1, "Stripe saw one request");
 }
+
+#[sqlx::test]
+async fn refunding_a_renewal_paid_under_the_2025_api_takes_its_credits_back(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    new_pack(&app, 300, "subscription", "price_basil").await;
+    let invoice = "in_1RBasilRenewal";
+
+    let paid = app
+        .webhook(&event(
+            &event_id(),
+            "invoice.paid",
+            invoice_basil(
+                invoice,
+                "cus_basil",
+                "sub_basil",
+                "price_basil",
+                "subscription_cycle",
+                user.id,
+            ),
+        ))
+        .await;
+    assert_eq!(paid.status, 200, "{:?}", paid.body);
+    assert_eq!(app.balance(user.id).await, 300);
+    let lookups: Vec<_> = stripe
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/v1/invoice_payments")
+        .collect();
+    assert_eq!(lookups.len(), 1, "the payment is looked up once");
+    assert_eq!(lookups[0].field("invoice"), Some(invoice));
+    assert_eq!(
+        lookups[0].authorization.as_deref(),
+        Some("Bearer sk_test_amethyst")
+    );
+
+    // Charges keep their payment intent in every version: the refund finds the grant.
+    let refund = charge("ch_basil", "pi_1RBasilRenewal", 1500, 1500);
+    assert_eq!(
+        app.webhook(&event(&event_id(), "charge.refunded", refund))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.balance(user.id).await, 0);
+}

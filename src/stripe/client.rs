@@ -55,29 +55,79 @@ impl StripeClient<'_> {
         form: &[(String, String)],
         idempotency_key: &str,
     ) -> Result<CreatedSession, StripeApiError> {
-        let url = format!("{}/v1/checkout/sessions", self.api_base);
         let body = serde_urlencoded::to_string(form)
             .map_err(|e| StripeApiError::Unavailable(e.to_string()))?;
+        let answer = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/checkout/sessions",
+                Some(body),
+                Some(idempotency_key),
+            )
+            .await?;
+        parse(&answer)
+    }
+
+    /// The payment intent and charge that paid `invoice`. From API version 2025-03-31 invoices no
+    /// longer carry them, and webhook payloads do not include the invoice's `payments` list.
+    pub async fn invoice_payment(
+        &self,
+        invoice: &str,
+    ) -> Result<(Option<String>, Option<String>), StripeApiError> {
+        let query = serde_urlencoded::to_string([("invoice", invoice), ("limit", "10")])
+            .map_err(|e| StripeApiError::Unavailable(e.to_string()))?;
+        let answer = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/invoice_payments?{query}"),
+                None,
+                None,
+            )
+            .await?;
+        let list: PaymentList = parse(&answer)?;
+        let paid = list
+            .data
+            .iter()
+            .find(|p| p.status.as_deref() == Some("paid"))
+            .or(list.data.first());
+        Ok(paid
+            .map(|p| (p.payment.payment_intent.clone(), p.payment.charge.clone()))
+            .unwrap_or_default())
+    }
+
+    /// One API call with retries on network errors and 5xx (the same idempotency key on each
+    /// attempt); any other answer is final.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        form: Option<String>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Vec<u8>, StripeApiError> {
+        let url = format!("{}{path}", self.api_base);
         let mut last_failure = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(250 * 3u64.pow(attempt - 1))).await;
             }
-            let sent = self
+            let mut request = self
                 .http
-                .post(&url)
+                .request(method.clone(), &url)
                 .bearer_auth(self.secret_key.expose())
                 .header("Stripe-Version", STRIPE_VERSION)
-                .header("Idempotency-Key", idempotency_key)
-                .header(
-                    reqwest::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
-                )
-                .timeout(ATTEMPT_TIMEOUT)
-                .body(body.clone())
-                .send()
-                .await;
-            let response = match sent {
+                .timeout(ATTEMPT_TIMEOUT);
+            if let Some(key) = idempotency_key {
+                request = request.header("Idempotency-Key", key);
+            }
+            if let Some(form) = &form {
+                request = request
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
+                    .body(form.clone());
+            }
+            let response = match request.send().await {
                 Ok(response) => response,
                 Err(err) => {
                     last_failure = format!("request failed: {}", without_url(&err));
@@ -96,9 +146,7 @@ impl StripeClient<'_> {
                 .await
                 .map_err(|e| StripeApiError::Unavailable(without_url(&e)))?;
             if status.is_success() {
-                return serde_json::from_slice(&bytes).map_err(|e| {
-                    StripeApiError::Unavailable(format!("unexpected answer from Stripe: {e}"))
-                });
+                return Ok(bytes.to_vec());
             }
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| match (b.error.message, b.error.code) {
@@ -114,6 +162,29 @@ impl StripeClient<'_> {
         }
         Err(StripeApiError::Unavailable(last_failure))
     }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(answer: &[u8]) -> Result<T, StripeApiError> {
+    serde_json::from_slice(answer)
+        .map_err(|e| StripeApiError::Unavailable(format!("unexpected answer from Stripe: {e}")))
+}
+
+#[derive(Deserialize)]
+struct PaymentList {
+    #[serde(default)]
+    data: Vec<InvoicePayment>,
+}
+
+#[derive(Deserialize)]
+struct InvoicePayment {
+    status: Option<String>,
+    payment: PaymentRef,
+}
+
+#[derive(Deserialize)]
+struct PaymentRef {
+    payment_intent: Option<String>,
+    charge: Option<String>,
 }
 
 /// What went wrong, in words fit for an answer (no URL, no key).

@@ -25,6 +25,7 @@ use sqlx::{Acquire, PgConnection};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::client::StripeClient;
 use super::signature::{self, SignatureError};
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, Problem};
@@ -126,7 +127,7 @@ pub async fn receive(
     // outcome is still recorded on the event row.
     let outcome = {
         let mut savepoint = (&mut *tx).begin().await?;
-        let outcome = handle(&mut savepoint, &event).await;
+        let outcome = handle(&mut savepoint, &event, &state).await;
         if outcome.is_ok() {
             savepoint.commit().await?;
         } else {
@@ -223,7 +224,7 @@ fn object<T: DeserializeOwned>(event: &Event) -> Result<T, Failure> {
         .map_err(|e| Failure::Permanent(format!("malformed {} object: {e}", event.kind)))
 }
 
-async fn handle(conn: &mut PgConnection, event: &Event) -> Outcome {
+async fn handle(conn: &mut PgConnection, event: &Event, state: &AppState) -> Outcome {
     match event.kind.as_str() {
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
             checkout_paid(conn, event, object(event)?).await
@@ -240,7 +241,7 @@ async fn handle(conn: &mut PgConnection, event: &Event) -> Outcome {
         | "customer.subscription.deleted" => {
             subscription_changed(conn, event, object(event)?).await
         }
-        "invoice.paid" => invoice_paid(conn, event, object(event)?).await,
+        "invoice.paid" => invoice_paid(conn, event, object(event)?, state).await,
         _ => Ok(Handled::Ignored),
     }
 }
@@ -610,7 +611,12 @@ impl Invoice {
     }
 }
 
-async fn invoice_paid(conn: &mut PgConnection, event: &Event, invoice: Invoice) -> Outcome {
+async fn invoice_paid(
+    conn: &mut PgConnection,
+    event: &Event,
+    invoice: Invoice,
+    state: &AppState,
+) -> Outcome {
     match invoice.billing_reason.as_deref() {
         Some("subscription_create" | "subscription_cycle") => {}
         _ => return Ok(Handled::Processed),
@@ -671,9 +677,34 @@ async fn invoice_paid(conn: &mut PgConnection, event: &Event, invoice: Invoice) 
     if let Some(customer) = &customer {
         remember_customer(conn, user, customer).await?;
     }
-    let payment_intent =
+    let mut payment_intent =
         id_of(&invoice.payment_intent).or_else(|| invoice.first_payment("payment_intent"));
-    let charge = id_of(&invoice.charge).or_else(|| invoice.first_payment("charge"));
+    let mut charge = id_of(&invoice.charge).or_else(|| invoice.first_payment("charge"));
+    if payment_intent.is_none() && charge.is_none() && invoice.amount_paid > 0 {
+        // Newer API versions: the payment is only reachable through the API. Without the link a
+        // later refund of this invoice could not take its credits back, so a failed lookup is
+        // worth Stripe's retry.
+        match &state.config.stripe.secret_key {
+            Some(secret_key) => {
+                let client = StripeClient {
+                    http: &state.http,
+                    api_base: &state.config.stripe.api_base,
+                    secret_key,
+                };
+                (payment_intent, charge) =
+                    client.invoice_payment(&invoice.id).await.map_err(|e| {
+                        Failure::Retry(format!(
+                            "could not look up the payment of invoice {}: {e}",
+                            invoice.id
+                        ))
+                    })?;
+            }
+            None => tracing::warn!(
+                invoice = %invoice.id,
+                "STRIPE_SECRET_KEY is not set: this invoice's payment cannot be linked, so its refunds will not take credits back"
+            ),
+        }
+    }
     let granted: Option<Uuid> = sqlx::query_scalar(
         "select public.stripe_grant('invoice', $1, $2, $3, $4, $5, $6, $7, $8, 'subscription', $9, $10)",
     )

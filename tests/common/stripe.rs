@@ -62,6 +62,7 @@ impl FakeStripe {
         let state = Arc::new(FakeState::default());
         let router = axum::Router::new()
             .route("/v1/checkout/sessions", axum::routing::post(create_session))
+            .route("/v1/invoice_payments", axum::routing::get(invoice_payments))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -156,6 +157,57 @@ async fn create_session(
             .insert(key.clone(), session.clone());
     }
     axum::Json(session).into_response()
+}
+
+/// `GET /v1/invoice_payments?invoice=in_…`: the invoice was paid by payment intent
+/// `pi_<the invoice id without in_>`.
+async fn invoice_payments(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let query = query.unwrap_or_default();
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    state.requests.lock().unwrap().push(Recorded {
+        path: "/v1/invoice_payments".to_owned(),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        idempotency_key: None,
+        stripe_version: headers
+            .get("stripe-version")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        content_type: None,
+        form: params.clone(),
+    });
+    let invoice = params
+        .iter()
+        .find(|(k, _)| k == "invoice")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let payment_intent = format!("pi_{}", invoice.trim_start_matches("in_"));
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": format!("inpay_{}", invoice.trim_start_matches("in_")),
+            "object": "invoice_payment",
+            "amount_paid": 1500,
+            "amount_requested": 1500,
+            "currency": "usd",
+            "invoice": invoice,
+            "is_default": true,
+            "livemode": false,
+            "payment": {"type": "payment_intent", "payment_intent": payment_intent},
+            "status": "paid"
+        }],
+        "has_more": false,
+        "url": "/v1/invoice_payments"
+    }))
+    .into_response()
 }
 
 /// The test configuration plus Stripe's.
@@ -380,7 +432,8 @@ pub fn invoice_classic(
 }
 
 /// A paid subscription invoice in the shape of API versions from 2025-03-31: subscription under
-/// `parent`, price under `pricing`, payment intent under `payments`.
+/// `parent`, price under `pricing`, no charge or payment intent (webhooks do not include the
+/// `payments` list; the fake API answers for it).
 pub fn invoice_basil(
     id: &str,
     customer: &str,
@@ -422,8 +475,6 @@ pub fn invoice_basil(
             "quote_details": null,
             "subscription_details": {"metadata": {"user_id": user}, "subscription": subscription}
         },
-        "payments": {"object": "list", "data": [{"id": "inpay_x", "object": "invoice_payment",
-            "payment": {"type": "payment_intent", "payment_intent": format!("pi_{}", &id[3..])}, "status": "paid"}], "has_more": false},
         "period_end": 1_702_592_000,
         "period_start": 1_700_000_000,
         "status": "paid"
