@@ -114,6 +114,7 @@ pub fn app(state: AppState) -> Router {
         .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(run_to_completion))
         .layer(middleware::from_fn(telemetry::track_requests))
         .layer(middleware::from_fn(move |req: Request, next: Next| time_limit(timeout, req, next)))
         .layer(cors(&state.config))
@@ -142,6 +143,19 @@ pub fn app(state: AppState) -> Router {
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("route")
+}
+
+/// Runs every handler to its end in a task of its own, even when the client goes away or the
+/// time limit answers first. A handler dropped half-way through could leave a pooled database
+/// connection inside a transaction it began (sqlx 0.8 loses track of a `BEGIN` whose answer
+/// was still on the way), holding row locks that block every later request for that row.
+async fn run_to_completion(request: Request, next: Next) -> Response {
+    match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(err) => {
+            ApiError::Internal(anyhow::anyhow!("the request's task failed: {err}")).into_response()
+        }
+    }
 }
 
 /// Requests time out (CONTRACT §4) with a problem answer rather than a dropped connection.

@@ -331,3 +331,57 @@ fn openapi_prints_the_document() {
     let doc: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert!(doc["paths"]["/v1/credits/spend"]["post"].is_object());
 }
+
+#[sqlx::test]
+async fn clients_that_hang_up_leave_no_transaction_open(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    app.grant(user.id, 1000).await;
+    let server = std::sync::Arc::new(app.serve());
+    let token = std::sync::Arc::new(user.token.clone());
+
+    // Hang up on hundreds of requests at scattered points of their handling.
+    common::all_at_once(8, |worker| {
+        let server = server.clone();
+        let token = token.clone();
+        async move {
+            for round in 0..120u64 {
+                let micros = 50 + (round * 97 + worker as u64 * 31) % 2500;
+                let _ = server
+                    .client
+                    .get(format!("{}/v1/me", server.url))
+                    .bearer_auth(&*token)
+                    .timeout(Duration::from_micros(micros))
+                    .send()
+                    .await;
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let stuck: i64 = sqlx::query_scalar(
+        "select count(*) from pg_stat_activity
+          where datname = current_database() and state like 'idle in transaction%'",
+    )
+    .fetch_one(&app.owner)
+    .await
+    .unwrap();
+    assert_eq!(
+        stuck, 0,
+        "no pooled connection is left inside a transaction"
+    );
+    let spend = server
+        .client
+        .post(format!("{}/v1/credits/spend", server.url))
+        .bearer_auth(&*token)
+        .json(&json!({"amount": 1}))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("the user's row is not locked by an abandoned transaction");
+    assert_eq!(spend.status(), 201);
+}

@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""The benchmark: the service under HTTP load (wrk) beside pgbench running (a) the statements
+the service sends for the same request and (b) the smallest SQL that does the job, on the same
+database in the same run. See bench/README.md; run it with bench/run."""
+
+import argparse
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+SECRET = "bench-only-jwt-secret-that-is-at-least-32-characters"
+WEBHOOK_SECRET = "whsec_bench_only"
+PACK_ID = "00000000-0000-4000-9000-000000000001"
+BALANCE = 1_000_000_000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+
+
+def user_id(n: int) -> str:
+    """Seeded users have ids the pgbench scripts can rebuild from a number."""
+    return f"00000000-0000-4000-8000-{n:012d}"
+
+
+def log(message: str) -> None:
+    print(f"[bench {dt.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+class Database:
+    def __init__(self, args):
+        self.host, self.port, self.user, self.name = args.pg_host, args.pg_port, args.pg_user, args.database
+
+    def url(self, name=None) -> str:
+        return f"postgres://{self.user}@{self.host}:{self.port}/{name or self.name}"
+
+    def psql(self, sql: str, db=None, capture=False) -> str:
+        out = subprocess.run(
+            ["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", self.host, "-p", str(self.port),
+             "-U", self.user, "-d", db or self.name],
+            input=sql, text=True, check=True, capture_output=True,
+        )
+        return out.stdout.strip() if capture else ""
+
+
+def jwt(claims: dict) -> str:
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    body = b64(json.dumps(claims, separators=(",", ":")).encode())
+    sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def user_token(n: int, now: int) -> str:
+    uid = user_id(n)
+    return jwt({
+        "aud": "authenticated", "exp": now + 6 * 3600, "iat": now, "sub": uid,
+        "email": f"bench{n}@example.com", "phone": "", "role": "authenticated", "aal": "aal1",
+        "app_metadata": {"provider": "email", "providers": ["email"]}, "user_metadata": {},
+        "session_id": f"00000000-0000-4000-a000-{n:012d}", "is_anonymous": False,
+    })
+
+
+def write_tokens(path: Path, numbers, now: int) -> Path:
+    path.write_text("".join(user_token(n, now) + "\n" for n in numbers))
+    return path
+
+
+def signed_events(path: Path, count: int, users: int, seed: int) -> Path:
+    """Distinct, signed checkout.session.completed events, as Stripe sends them."""
+    now = int(time.time())
+    lines = []
+    for i in range(count):
+        n = (i * 7919 + seed) % users + 1
+        key = f"{seed}_{i}"
+        body = json.dumps({
+            "id": f"evt_bench_{key}", "object": "event", "api_version": "2025-03-31.basil",
+            "created": now, "livemode": False, "pending_webhooks": 1, "type": "checkout.session.completed",
+            "request": {"id": None, "idempotency_key": None},
+            "data": {"object": {
+                "id": f"cs_bench_{key}", "object": "checkout.session", "mode": "payment",
+                "payment_status": "paid", "status": "complete", "client_reference_id": user_id(n),
+                "customer": None, "customer_details": {"email": f"bench{n}@example.com"},
+                "payment_intent": f"pi_bench_{key}", "amount_total": 999, "currency": "usd",
+                "metadata": {"user_id": user_id(n), "pack_id": PACK_ID, "credits": "100"},
+                "success_url": "https://app.example/success", "cancel_url": "https://app.example/cancel",
+                "created": now, "livemode": False, "subscription": None, "invoice": None,
+            }},
+        }, separators=(",", ":"))
+        sig = hmac.new(WEBHOOK_SECRET.encode(), f"{now}.{body}".encode(), hashlib.sha256).hexdigest()
+        lines.append(f"t={now},v1={sig}\t{body}\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def seed(db: Database, users: int, history_users: int, filler_rows: int) -> None:
+    log(f"seeding {users} users, {history_users} of them with 1,000 transactions, {filler_rows} filler rows")
+    db.psql(f"""
+        insert into auth.users (id, email, created_at)
+        select ('00000000-0000-4000-8000-' || lpad(n::text, 12, '0'))::uuid, 'bench' || n || '@example.com',
+               now() - interval '400 days'
+          from generate_series(1, {users}) n;
+        -- Every user: one grant of a large balance, old enough to sit behind all history.
+        insert into public.credit_transactions (user_id, amount, balance_after, source, description, created_at)
+        select id, {BALANCE}, {BALANCE}, 'system', 'bench balance', now() - interval '400 days'
+          from public.profiles order by id;
+        update public.profiles set credits = {BALANCE};
+        -- History users: 999 more rows each, ledger order matching time order.
+        insert into public.credit_transactions (user_id, amount, balance_after, source, description, created_at)
+        select ('00000000-0000-4000-8000-' || lpad(n::text, 12, '0'))::uuid, 1, {BALANCE} + g, 'ad_view', null,
+               now() - (1000 - g) * interval '1 minute'
+          from generate_series(1, {history_users}) n, generate_series(1, 999) g
+         order by n, g;
+        update public.profiles set credits = {BALANCE} + 999
+         where id in (select ('00000000-0000-4000-8000-' || lpad(n::text, 12, '0'))::uuid
+                        from generate_series(1, {history_users}) n);
+        insert into public.credit_packs (id, name, credits, kind, stripe_price_id, unit_amount, currency, active)
+        values ('{PACK_ID}', 'Bench pack', 100, 'one_time', 'price_bench', 999, 'usd', true);
+    """)
+    add_filler(db, users, history_users, filler_rows)
+
+
+def add_filler(db: Database, users: int, history_users: int, filler_rows: int) -> None:
+    """Rows for users without history (zero-sum pairs: +1 then -1), so the table grows while
+    every balance and the ledger invariant stay as they are."""
+    if filler_rows <= 0:
+        return
+    others = max(1, users - history_users)
+    pairs = filler_rows // 2
+    log(f"adding {2 * pairs} filler transactions")
+    batch = 1_000_000
+    done = 0
+    while done < pairs:
+        size = min(batch, pairs - done)
+        db.psql(f"""
+            insert into public.credit_transactions (user_id, amount, balance_after, source, description, created_at)
+            select ('00000000-0000-4000-8000-' || lpad(({history_users} + 1 + (i % {others}))::text, 12, '0'))::uuid,
+                   case when s = 1 then 1 else -1 end,
+                   case when s = 1 then {BALANCE} + 1 else {BALANCE} end,
+                   case when s = 1 then 'ad_view' else 'spend' end, null,
+                   now() - interval '300 days' + i * interval '1 millisecond'
+              from generate_series({done}, {done + size - 1}) i, generate_series(1, 2) s
+             order by i, s;
+        """)
+        done += size
+    db.psql("vacuum analyze public.credit_transactions; analyze public.profiles;")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    def __init__(self, binary: Path, db: Database, pool: int):
+        self.port = free_port()
+        env = dict(os.environ)
+        env.update({
+            "DATABASE_URL": db.url(), "BIND_ADDR": f"127.0.0.1:{self.port}", "SUPABASE_JWT_SECRET": SECRET,
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "RATE_LIMIT_PER_MINUTE": "0",
+            "DATABASE_MAX_CONNECTIONS": str(pool), "LOG_FORMAT": "json", "RUST_LOG": "warn",
+        })
+        started = time.monotonic()
+        self.process = subprocess.Popen([str(binary), "serve", "--no-migrate"], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir())
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except Exception:
+                pass
+            if self.process.poll() is not None:
+                raise SystemExit("the service exited during start-up")
+            if time.monotonic() - started > 30:
+                raise SystemExit("the service did not become ready within 30 s")
+            time.sleep(0.002)
+        self.startup_ms = (time.monotonic() - started) * 1000
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def reset_peak_rss(self) -> None:
+        try:
+            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=40)
+
+
+def run_wrk(url: str, mode: str, data: Path, connections: int, threads: int, duration: int) -> dict:
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "10s",
+         "-s", str(BENCH / "scenario.lua"), url, "--", mode, str(data), str(threads)],
+        text=True, capture_output=True, check=True,
+    ).stdout
+    match = re.search(r"WRK_JSON (\{.*\})", out)
+    if not match:
+        raise SystemExit(f"wrk printed no summary:\n{out}")
+    stats = json.loads(match.group(1))
+    seconds = stats["duration_us"] / 1e6
+    errors = stats["non_2xx"] + stats["connect_errors"] + stats["read_errors"] + stats["write_errors"] + stats["timeouts"]
+    return {
+        "requests": stats["requests"], "rps": stats["requests"] / seconds, "p50_ms": stats["p50_us"] / 1000,
+        "p90_ms": stats["p90_us"] / 1000, "p99_ms": stats["p99_us"] / 1000, "max_ms": stats["max_us"] / 1000,
+        "errors": errors, "non_2xx": stats["non_2xx"],
+    }
+
+
+def run_pgbench(db: Database, script: Path, variables: dict, clients: int, duration: int) -> dict:
+    command = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(duration),
+               "-h", db.host, "-p", str(db.port), "-U", db.user, "-f", str(script)]
+    for key, value in variables.items():
+        command += ["-D", f"{key}={value}"]
+    out = subprocess.run(command + [db.name], text=True, capture_output=True)
+    if out.returncode != 0:
+        raise SystemExit(f"pgbench {script.name} failed:\n{out.stdout}\n{out.stderr}")
+    tps = re.search(r"tps = ([0-9.]+)", out.stdout)
+    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
+    return {"tps": float(tps.group(1)) if tps else 0.0, "failed": int(failed.group(1)) if failed else 0}
+
+
+# Each scenario: the HTTP request, and the two pgbench scripts (bench/pgbench/<name>_a.sql is the
+# service's own statements, <name>_b.sql the smallest SQL for the job).
+SCENARIOS = {
+    "me": {"title": "GET /v1/me", "path": "/v1/me", "mode": "get", "users": "all"},
+    "transactions": {"title": "GET /v1/me/transactions?limit=20", "path": "/v1/me/transactions?limit=20",
+                     "mode": "get", "users": "history"},
+    "spend": {"title": "POST /v1/credits/spend", "path": "/v1/credits/spend", "mode": "spend", "users": "all"},
+    "spend_hot": {"title": "POST /v1/credits/spend (one user)", "path": "/v1/credits/spend", "mode": "spend",
+                  "users": "one", "script": "spend"},
+    "ad_view": {"title": "POST /v1/ads/views", "path": "/v1/ads/views", "mode": "ad_view", "users": "thirds"},
+    "webhook": {"title": "POST /v1/webhooks/stripe", "path": "/v1/webhooks/stripe", "mode": "webhook", "users": "all"},
+}
+WRITES = {"spend", "spend_hot", "ad_view", "webhook"}
+
+
+def scenario_inputs(name: str, spec: dict, args, work: Path, now: int):
+    """The wrk data file and the pgbench variables (user number ranges) for a scenario."""
+    users, history = args.users, min(args.history_users, args.users)
+    if spec["users"] == "history":
+        return write_tokens(work / f"{name}.tokens", range(1, history + 1), now), {"first": 1, "last": history}
+    if spec["users"] == "one":
+        return write_tokens(work / f"{name}.tokens", [1], now), {"first": 1, "last": 1}
+    if spec["users"] == "thirds":
+        # Ad views are limited to 10 a day: wrk and each pgbench script get their own users.
+        third = max(1, users // 3)
+        return write_tokens(work / f"{name}.tokens", range(1, third + 1), now), {"first": third + 1, "last": users}
+    if spec["mode"] == "webhook":
+        count = max(1000, args.duration * 6000)
+        return signed_events(work / f"{name}.events", count, users, int(now)), {"first": 1, "last": users}
+    return write_tokens(work / f"{name}.tokens", range(1, users + 1), now), {"first": 1, "last": users}
+
+
+def measure(args, db: Database, service: Service, names, work: Path) -> list:
+    rows = []
+    now = int(time.time())
+    for name in names:
+        spec = SCENARIOS[name]
+        data, variables = scenario_inputs(name, spec, args, work, now)
+        if spec["users"] == "thirds":
+            third = max(1, args.users // 3)
+            a_vars = {"first": third + 1, "last": 2 * third}
+            b_vars = {"first": 2 * third + 1, "last": args.users}
+        else:
+            a_vars = b_vars = variables
+        script = spec.get("script", name)
+        log(f"{name}: wrk {args.connections} connections for {args.duration} s")
+        service.reset_peak_rss()
+        cpu_before, wall_before = service.cpu_seconds(), time.monotonic()
+        http = run_wrk(f"http://127.0.0.1:{service.port}{spec['path']}", spec["mode"], data,
+                       args.connections, args.wrk_threads, args.duration)
+        cpu = (service.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before) / NCPU
+        rss = service.peak_rss_mb()
+        log(f"{name}: pgbench (a) and (b), {args.pgbench_clients} clients")
+        a = run_pgbench(db, BENCH / "pgbench" / f"{script}_a.sql", a_vars, args.pgbench_clients, args.duration)
+        b = run_pgbench(db, BENCH / "pgbench" / f"{script}_b.sql", b_vars, args.pgbench_clients, args.duration)
+        row = {
+            "scenario": name, "title": spec["title"], "connections": args.connections, **http,
+            "pgbench_a_tps": a["tps"], "pgbench_b_tps": b["tps"], "pgbench_failed": a["failed"] + b["failed"],
+            "ratio_a": http["rps"] / a["tps"] if a["tps"] else None,
+            "ratio_b": http["rps"] / b["tps"] if b["tps"] else None,
+            "peak_rss_mb": rss, "cpu_share": cpu, "write": name in WRITES,
+        }
+        rows.append(row)
+        log(f"{name}: {row['rps']:.0f} req/s, p99 {row['p99_ms']:.1f} ms, (a) {a['tps']:.0f} tps, (b) {b['tps']:.0f} tps")
+    return rows
+
+
+def table(rows: list) -> str:
+    head = ("scenario", "conns", "req/s", "p50 ms", "p99 ms", "errors", "pgbench a", "pgbench b",
+            "svc/a", "svc/b", "RSS MB", "CPU")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        ratio = lambda v: f"{v * 100:.0f} %" if v is not None else "–"
+        lines.append("| " + " | ".join([
+            r["title"], str(r["connections"]), f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+            str(r["errors"]), f"{r['pgbench_a_tps']:.0f}", f"{r['pgbench_b_tps']:.0f}", ratio(r["ratio_a"]),
+            ratio(r["ratio_b"]), f"{r['peak_rss_mb']:.1f}", f"{r['cpu_share'] * 100:.0f} %",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def verify(binary: Path, db: Database) -> bool:
+    env = dict(os.environ, DATABASE_URL=db.url())
+    out = subprocess.run([str(binary), "verify"], env=env, text=True, capture_output=True, cwd=tempfile.gettempdir())
+    if out.returncode != 0:
+        log("verify FAILED after the run:\n" + out.stdout)
+    return out.returncode == 0
+
+
+def prepare(args, db: Database, binary: Path, filler_rows: int) -> None:
+    log(f"creating database {db.name}")
+    db.psql(f'drop database if exists "{db.name}" with (force); create database "{db.name}";', db="postgres")
+    env = dict(os.environ, DATABASE_URL=db.url(), LOG_FORMAT="json", RUST_LOG="warn")
+    subprocess.run([str(binary), "migrate"], env=env, check=True, cwd=tempfile.gettempdir())
+    seed(db, args.users, min(args.history_users, args.users), filler_rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--history-users", type=int, default=1000, help="users with 1,000 transactions")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--pool", type=int, default=16, help="the service's database pool")
+    parser.add_argument("--pgbench-clients", type=int, default=16)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--scaling", action="store_true",
+                        help="history and spend with 100k, 1M and 10M transactions, and 1k vs 100k users")
+    parser.add_argument("--database", default="amethyst_bench")
+    parser.add_argument("--pg-host", default=os.environ.get("PGHOST", "127.0.0.1"))
+    parser.add_argument("--pg-port", type=int, default=int(os.environ.get("PGPORT", "5432")))
+    parser.add_argument("--pg-user", default=os.environ.get("PGUSER", "postgres"))
+    parser.add_argument("--skip-build", action="store_true")
+    args = parser.parse_args()
+
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    binary = target / "release" / "amethyst-credits"
+    if not args.skip_build:
+        log("building the release binary")
+        subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
+    db = Database(args)
+    results_dir = BENCH / "results"
+    results_dir.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    machine = {"cpus": NCPU, "postgres": db.psql("show server_version", db="postgres", capture=True),
+               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                        capture_output=True).stdout.strip()}
+
+    with tempfile.TemporaryDirectory(prefix="amethyst-bench-") as tmp:
+        work = Path(tmp)
+        if args.scaling:
+            run_scaling(args, db, binary, work, stamp, machine)
+            return
+        names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+        prepare(args, db, binary, filler_rows=0)
+        service = Service(binary, db, args.pool)
+        log(f"service ready in {service.startup_ms:.0f} ms")
+        try:
+            rows = measure(args, db, service, names, work)
+        finally:
+            service.stop()
+        ledger_ok = verify(binary, db)
+        report = {"kind": "scenarios", "at": stamp, "machine": machine, "settings": vars(args),
+                  "startup_ms": service.startup_ms, "ledger_ok": ledger_ok, "rows": rows}
+        path = results_dir / f"{stamp}.json"
+        path.write_text(json.dumps(report, indent=2))
+        print(table(rows))
+        print(f"\nstart to first /ready: {service.startup_ms:.0f} ms; verify after the run: "
+              f"{'passed' if ledger_ok else 'FAILED'}; results: {path.relative_to(ROOT)}")
+
+
+def run_scaling(args, db: Database, binary: Path, work: Path, stamp: str, machine: dict) -> None:
+    points = []
+    plan = [(100_000, 100_000), (100_000, 1_000_000), (100_000, 10_000_000), (1_000, 100_000)]
+    for users, rows_target in plan:
+        args.users = users
+        history = min(args.history_users, users)
+        base_rows = users + history * 999
+        prepare(args, db, binary, filler_rows=max(0, rows_target - base_rows))
+        total = int(db.psql("select count(*) from public.credit_transactions", capture=True))
+        service = Service(binary, db, args.pool)
+        try:
+            measured = measure(args, db, service, ["transactions", "spend"], work)
+        finally:
+            service.stop()
+        for row in measured:
+            row.update({"users": users, "transactions": total})
+            points.append(row)
+        log(f"{users} users, {total} transactions done")
+    report = {"kind": "scaling", "at": stamp, "machine": machine, "settings": vars(args), "rows": points}
+    path = BENCH / "results" / f"{stamp}-scaling.json"
+    path.write_text(json.dumps(report, indent=2))
+    head = "| users | transactions | scenario | req/s | p50 ms | p99 ms | errors | svc/a |"
+    print(head + "\n|---|---|---|---|---|---|---|---|")
+    for r in points:
+        print(f"| {r['users']} | {r['transactions']} | {r['title']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+              f"{r['p99_ms']:.2f} | {r['errors']} | {r['ratio_a'] * 100:.0f} % |")
+    print(f"\nresults: {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (bench/run installs it)")
+    main()

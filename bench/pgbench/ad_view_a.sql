@@ -1,0 +1,3 @@
+-- POST /v1/ads/views as the service sends it without an Idempotency-Key (ads::record_view).
+\set n random(:first, :last)
+select v.view_id, v.credits_awarded, v.balance, v.views_today, public.ad_daily_limit() as daily_limit, (now() at time zone 'utc')::date as today from public.handle_ad_view(('00000000-0000-4000-8000-' || lpad(:n::text, 12, '0'))::uuid, 31, null, null) v;
