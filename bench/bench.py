@@ -235,7 +235,7 @@ def run_wrk(url: str, mode: str, data: Path, connections: int, threads: int, dur
 def run_pgbench(db: Database, script: Path, variables: dict, clients: int, duration: int) -> dict:
     command = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(duration),
                "-h", db.host, "-p", str(db.port), "-U", db.user, "-f", str(script)]
-    for key, value in variables.items():
+    for key, value in {"i": 0, "clients": clients, **variables}.items():
         command += ["-D", f"{key}={value}"]
     out = subprocess.run(command + [db.name], text=True, capture_output=True)
     if out.returncode != 0:

@@ -22,7 +22,6 @@ use crate::extract::{
     ApiJson, ApiQuery, IdPath, List, PageParams, parse_time_id, time_id_position,
 };
 use crate::idempotency::{self, IdempotencyKey, Stored};
-use crate::profile_columns;
 use crate::profiles::{self, Profile, ProfileRow};
 use crate::telemetry;
 
@@ -85,22 +84,24 @@ pub async fn search_users(
     // The cursor holds the last row's (created_at, id).
     let after = page.cursor.as_deref().map(parse_time_id).transpose()?;
     let pattern = email.map(|e| format!("%{}%", escape_like(&e)));
-    let rows: Vec<ProfileRow> = sqlx::query_as(concat!(
-        "select ",
-        profile_columns!(),
-        " from public.profiles p
+    let rows: Vec<ProfileRow> = sqlx::query_as(
+        "select p.* from public.profiles p
           where ($1::text is null or lower(p.email) like $1 escape '\\')
             and ($2::timestamptz is null or (p.created_at, p.id) < ($2, $3))
           order by p.created_at desc, p.id desc
-          limit $4"
-    ))
+          limit $4",
+    )
     .bind(pattern)
     .bind(after.map(|a| a.0))
     .bind(after.map(|a| a.1))
     .bind(page.limit + 1)
     .fetch_all(&state.pool)
     .await?;
-    let profiles: Vec<Profile> = rows.into_iter().map(Profile::from).collect();
+    let (now, limit) = (chrono::Utc::now(), state.ad_daily_limit().await?);
+    let profiles: Vec<Profile> = rows
+        .into_iter()
+        .map(|r| Profile::from_row(r, now, limit))
+        .collect();
     Ok(Json(List::from_rows(profiles, page.limit, |p| {
         time_id_position(&p.created_at, &p.id)
     })))
@@ -136,8 +137,7 @@ pub async fn get_user(
     _admin: AdminCaller,
     IdPath(id): IdPath,
 ) -> ApiResult<Json<Profile>> {
-    let mut conn = state.pool.acquire().await?;
-    let profile = profiles::fetch(&mut conn, id)
+    let profile = profiles::fetch(&state, id)
         .await?
         .ok_or(ApiError::ProfileNotFound)?;
     Ok(Json(profile))
@@ -163,13 +163,12 @@ pub async fn user_transactions(
     ApiQuery(params): ApiQuery<PageParams>,
 ) -> ApiResult<Json<List<Transaction>>> {
     let page = params.check()?;
-    let mut conn = state.pool.acquire().await?;
-    let list = credits::history(&mut conn, id, &page).await?;
+    let list = credits::history(&state.pool, id, &page).await?;
     if list.items.is_empty() {
         let exists: bool =
             sqlx::query_scalar("select exists (select 1 from public.profiles where id = $1)")
                 .bind(id)
-                .fetch_one(&mut *conn)
+                .fetch_one(&state.pool)
                 .await?;
         if !exists {
             return Err(ApiError::ProfileNotFound);

@@ -41,6 +41,8 @@ pub struct AppState {
     pub rate_limiter: Arc<RateLimiter>,
     pub http: reqwest::Client,
     pub metrics: PrometheusHandle,
+    /// `public.ad_daily_limit()`, read once: the rule lives in SQL.
+    ad_daily_limit: Arc<tokio::sync::OnceCell<i32>>,
 }
 
 impl AppState {
@@ -63,7 +65,20 @@ impl AppState {
             pool,
             http,
             metrics: telemetry::metrics_handle(),
+            ad_daily_limit: Arc::new(tokio::sync::OnceCell::new()),
         }
+    }
+
+    /// The number of rewarded ad views a day, as the database decides it.
+    pub async fn ad_daily_limit(&self) -> Result<i32, sqlx::Error> {
+        self.ad_daily_limit
+            .get_or_try_init(|| async {
+                sqlx::query_scalar("select public.ad_daily_limit()")
+                    .fetch_one(&self.pool)
+                    .await
+            })
+            .await
+            .copied()
     }
 }
 

@@ -15,7 +15,6 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::AuthUser;
-use crate::db;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{ApiJson, ApiQuery, List, Page, PageParams, bad_cursor};
 use crate::idempotency::{self, IdempotencyKey, Stored};
@@ -44,29 +43,31 @@ pub struct Transaction {
     pub seq: i64,
 }
 
-/// A page of `user_id`'s history, newest first, in whatever session `conn` is in.
+/// Where a history page starts: below the cursor's ledger position.
+fn before(page: &Page) -> ApiResult<Option<i64>> {
+    page.cursor
+        .as_deref()
+        .map(|p| p.parse().map_err(|_| bad_cursor()))
+        .transpose()
+}
+
+/// A page of `user_id`'s history, newest first, read as `service_role` (admin routes). Keyset
+/// pagination on the ledger order: the (user_id, seq) index serves every page at the same cost.
 pub async fn history(
-    conn: &mut sqlx::PgConnection,
+    pool: &sqlx::PgPool,
     user_id: Uuid,
     page: &Page,
 ) -> ApiResult<List<Transaction>> {
-    let before: Option<i64> = match &page.cursor {
-        None => None,
-        Some(position) => Some(position.parse().map_err(|_| bad_cursor())?),
-    };
-    // Keyset pagination on the ledger order: the index (user_id, seq desc) serves every page
-    // at the same cost, however deep.
     let rows: Vec<Transaction> = sqlx::query_as(
-        "select id, amount, balance_after, source, description, reference, created_at, seq
-           from public.credit_transactions
+        "select * from public.credit_transactions
           where user_id = $1 and ($2::bigint is null or seq < $2)
           order by seq desc
           limit $3",
     )
     .bind(user_id)
-    .bind(before)
+    .bind(before(page)?)
     .bind(page.limit + 1)
-    .fetch_all(conn)
+    .fetch_all(pool)
     .await?;
     Ok(List::from_rows(rows, page.limit, |t| t.seq.to_string()))
 }
@@ -90,9 +91,15 @@ pub async fn my_transactions(
     ApiQuery(params): ApiQuery<PageParams>,
 ) -> ApiResult<Json<List<Transaction>>> {
     let page = params.check()?;
-    let mut tx = db::begin_as_user(&state.pool, &user).await?;
-    let list = history(&mut tx, user.id, &page).await?;
-    tx.commit().await?;
+    // One round trip, as the user under RLS (see the user reads migration).
+    let rows: Vec<Transaction> =
+        sqlx::query_as("select * from public.transactions_as_user($1, $2, $3)")
+            .bind(&*user.claims)
+            .bind(before(&page)?)
+            .bind((page.limit + 1) as i32)
+            .fetch_all(&state.pool)
+            .await?;
+    let list = List::from_rows(rows, page.limit, |t| t.seq.to_string());
     Ok(Json(list))
 }
 

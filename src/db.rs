@@ -1,16 +1,15 @@
-//! Connections, migrations and the two database sessions of CONTRACT §2: pooled connections
-//! act as `service_role`; user reads switch to `authenticated` with the token's claims for
-//! one transaction, so `auth.uid()` and the RLS policies decide what is visible.
+//! Connections and migrations. Pooled connections act as `service_role` (CONTRACT §2); user
+//! reads go through the `*_as_user` functions, which switch to `authenticated` with the
+//! token's claims for the duration of the call, so `auth.uid()` and RLS decide what is visible.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
 
 use crate::MIGRATOR;
-use crate::auth::AuthUser;
 
 /// Parses `DATABASE_URL`.
 pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
@@ -86,17 +85,4 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
                 Ok(())
             })
         })
-}
-
-/// Opens a transaction that acts as `user`: role `authenticated`, claims from the token.
-pub async fn begin_as_user<'a>(
-    pool: &PgPool,
-    user: &AuthUser,
-) -> Result<Transaction<'a, Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("select set_config('role', 'authenticated', true), set_config('request.jwt.claims', $1, true)")
-        .bind(&*user.claims)
-        .execute(&mut *tx)
-        .await?;
-    Ok(tx)
 }

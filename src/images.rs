@@ -14,7 +14,6 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::AuthUser;
-use crate::db;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{ApiQuery, IdPath, List, PageParams, parse_time_id, time_id_position};
 
@@ -47,9 +46,6 @@ pub struct Image {
     pub created_at: DateTime<Utc>,
 }
 
-const IMAGE_COLUMNS: &str = "id, kind, storage_bucket, storage_path, prompt, model, width, height, mime_type, \
-                             metadata, analysis, transaction_id, created_at";
-
 /// The caller's images, newest first.
 #[utoipa::path(
     get,
@@ -70,20 +66,14 @@ pub async fn list_images(
 ) -> ApiResult<Json<List<Image>>> {
     let page = params.check()?;
     let after = page.cursor.as_deref().map(parse_time_id).transpose()?;
-    let mut tx = db::begin_as_user(&state.pool, &user).await?;
-    // RLS limits the rows to the caller's; the user_id condition lets the index serve it.
-    let rows: Vec<Image> = sqlx::query_as(&format!(
-        "select {IMAGE_COLUMNS} from public.images
-          where user_id = $1 and ($2::timestamptz is null or (created_at, id) < ($2, $3))
-          order by created_at desc, id desc limit $4"
-    ))
-    .bind(user.id)
-    .bind(after.map(|a| a.0))
-    .bind(after.map(|a| a.1))
-    .bind(page.limit + 1)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    // One round trip, as the user under RLS (see the user reads migration).
+    let rows: Vec<Image> = sqlx::query_as("select * from public.images_as_user($1, $2, $3, $4)")
+        .bind(&*user.claims)
+        .bind(after.map(|a| a.0))
+        .bind(after.map(|a| a.1))
+        .bind((page.limit + 1) as i32)
+        .fetch_all(&state.pool)
+        .await?;
     Ok(Json(List::from_rows(rows, page.limit, |i| {
         time_id_position(&i.created_at, &i.id)
     })))
@@ -108,13 +98,10 @@ pub async fn get_image(
     user: AuthUser,
     IdPath(id): IdPath,
 ) -> ApiResult<Json<Image>> {
-    let mut tx = db::begin_as_user(&state.pool, &user).await?;
-    let image: Option<Image> = sqlx::query_as(&format!(
-        "select {IMAGE_COLUMNS} from public.images where id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    let image: Option<Image> = sqlx::query_as("select * from public.image_as_user($1, $2)")
+        .bind(&*user.claims)
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await?;
     image.map(Json).ok_or(ApiError::NotFound("image"))
 }

@@ -12,7 +12,6 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::AuthUser;
-use crate::db;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::ApiJson;
 
@@ -20,21 +19,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_me, patch_me))
 }
 
-/// The columns of [`ProfileRow`], selected from `public.profiles p`. A macro so that it can be
-/// spliced into statement literals with `concat!`.
-#[macro_export]
-macro_rules! profile_columns {
-    () => {
-        "p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin, \
-         p.subscription_status, p.subscription_plan, p.subscription_current_period_end, \
-         case when p.ad_views_date = (now() at time zone 'utc')::date \
-              then p.ad_views_today else 0 end as ad_views_today, \
-         public.ad_daily_limit() as ad_daily_limit, \
-         (now() at time zone 'utc')::date as today, \
-         p.created_at, p.updated_at"
-    };
-}
-
+/// A row of `public.profiles`, as `select *` and the `*_as_user` functions return it.
 #[derive(Debug, FromRow)]
 pub struct ProfileRow {
     pub id: Uuid,
@@ -43,12 +28,11 @@ pub struct ProfileRow {
     pub avatar_url: Option<String>,
     pub credits: i32,
     pub is_admin: bool,
+    pub ad_views_date: Option<NaiveDate>,
+    pub ad_views_today: i32,
     pub subscription_status: Option<String>,
     pub subscription_plan: Option<String>,
     pub subscription_current_period_end: Option<DateTime<Utc>>,
-    pub ad_views_today: i32,
-    pub ad_daily_limit: i32,
-    pub today: NaiveDate,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -97,8 +81,15 @@ pub fn next_midnight(day: NaiveDate) -> DateTime<Utc> {
         .and_utc()
 }
 
-impl From<ProfileRow> for Profile {
-    fn from(row: ProfileRow) -> Self {
+impl Profile {
+    /// The profile as of `now`: the day's ad counter only counts if it is today's (UTC).
+    pub fn from_row(row: ProfileRow, now: DateTime<Utc>, daily_limit: i32) -> Self {
+        let today = now.date_naive();
+        let views_today = if row.ad_views_date == Some(today) {
+            row.ad_views_today
+        } else {
+            0
+        };
         Profile {
             id: row.id,
             email: row.email,
@@ -112,10 +103,10 @@ impl From<ProfileRow> for Profile {
                 current_period_end: row.subscription_current_period_end,
             }),
             ads: AdAllowance {
-                views_today: row.ad_views_today,
-                daily_limit: row.ad_daily_limit,
-                views_remaining: (row.ad_daily_limit - row.ad_views_today).max(0),
-                resets_at: next_midnight(row.today),
+                views_today,
+                daily_limit,
+                views_remaining: (daily_limit - views_today).max(0),
+                resets_at: next_midnight(today),
             },
             created_at: row.created_at,
             updated_at: row.updated_at,
@@ -123,17 +114,14 @@ impl From<ProfileRow> for Profile {
     }
 }
 
-/// The profile of `id`, read in whatever session `conn` is in.
-pub async fn fetch(conn: &mut sqlx::PgConnection, id: Uuid) -> ApiResult<Option<Profile>> {
-    let row: Option<ProfileRow> = sqlx::query_as(concat!(
-        "select ",
-        profile_columns!(),
-        " from public.profiles p where p.id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await?;
-    Ok(row.map(Profile::from))
+/// The profile of `id`, read as `service_role` (admin routes).
+pub async fn fetch(state: &AppState, id: Uuid) -> ApiResult<Option<Profile>> {
+    let row: Option<ProfileRow> = sqlx::query_as("select * from public.profiles where id = $1")
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await?;
+    let limit = state.ad_daily_limit().await?;
+    Ok(row.map(|r| Profile::from_row(r, Utc::now(), limit)))
 }
 
 /// The caller's profile.
@@ -150,12 +138,17 @@ pub async fn fetch(conn: &mut sqlx::PgConnection, id: Uuid) -> ApiResult<Option<
     )
 )]
 pub async fn get_me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Profile>> {
-    let mut tx = db::begin_as_user(&state.pool, &user).await?;
-    let profile = fetch(&mut tx, user.id)
-        .await?
-        .ok_or(ApiError::ProfileNotFound)?;
-    tx.commit().await?;
-    Ok(Json(profile))
+    // One round trip: the function reads as the user, under RLS (see the user reads migration).
+    let row: Option<ProfileRow> = sqlx::query_as("select * from public.profile_as_user($1)")
+        .bind(&*user.claims)
+        .fetch_optional(&state.pool)
+        .await?;
+    let row = row.ok_or(ApiError::ProfileNotFound)?;
+    Ok(Json(Profile::from_row(
+        row,
+        Utc::now(),
+        state.ad_daily_limit().await?,
+    )))
 }
 
 /// What a user may change about themselves. A field left out is unchanged; `null` clears it.
@@ -239,24 +232,17 @@ pub async fn patch_me(
     body: ApiJson<ProfileUpdate>,
 ) -> ApiResult<Json<Profile>> {
     let (display_name, avatar_url) = body.value.check()?;
-    let mut tx = db::begin_as_user(&state.pool, &user).await?;
-    // Runs as the user: RLS and the column privileges are what allow this update.
-    let row: Option<ProfileRow> = sqlx::query_as(concat!(
-        "update public.profiles p
-            set display_name = case when $2 then $3 else p.display_name end,
-                avatar_url = case when $4 then $5 else p.avatar_url end
-          where p.id = $1
-         returning ",
-        profile_columns!()
-    ))
-    .bind(user.id)
-    .bind(display_name.is_some())
-    .bind(display_name.flatten())
-    .bind(avatar_url.is_some())
-    .bind(avatar_url.flatten())
-    .fetch_optional(&mut *tx)
-    .await?;
-    let profile = row.map(Profile::from).ok_or(ApiError::ProfileNotFound)?;
-    tx.commit().await?;
+    // As the user: RLS and the column privileges are what allow this update.
+    let row: Option<ProfileRow> =
+        sqlx::query_as("select * from public.update_profile_as_user($1, $2, $3, $4, $5)")
+            .bind(&*user.claims)
+            .bind(display_name.is_some())
+            .bind(display_name.flatten())
+            .bind(avatar_url.is_some())
+            .bind(avatar_url.flatten())
+            .fetch_optional(&state.pool)
+            .await?;
+    let row = row.ok_or(ApiError::ProfileNotFound)?;
+    let profile = Profile::from_row(row, Utc::now(), state.ad_daily_limit().await?);
     Ok(Json(profile))
 }

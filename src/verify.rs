@@ -66,14 +66,21 @@ const REQUIRED_FUNCTIONS: &[&str] = &[
     "create_profile_on_signup",
 ];
 
-/// Functions that change balances: never executable by anon, authenticated or PUBLIC.
-const BALANCE_FUNCTIONS: &[&str] = &[
+/// Functions that change balances, or act as any user given their claims: never executable by
+/// anon, authenticated or PUBLIC.
+const PRIVILEGED_FUNCTIONS: &[&str] = &[
     "add_credits",
     "spend_credits",
     "handle_ad_view",
     "stripe_grant",
     "stripe_record_charge",
     "stripe_settle_grant",
+    "enter_user_session",
+    "profile_as_user",
+    "update_profile_as_user",
+    "transactions_as_user",
+    "images_as_user",
+    "image_as_user",
 ];
 
 /// Runs every check.
@@ -117,11 +124,11 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
                      else has_function_privilege(r.rolname, p.oid, 'EXECUTE') end
           order by 1, 2",
     )
-    .bind(BALANCE_FUNCTIONS)
+    .bind(PRIVILEGED_FUNCTIONS)
     .fetch_all(&mut *conn)
     .await?;
     report.add(
-        "balance-changing functions are not executable by anon, authenticated or PUBLIC",
+        "balance-changing and act-as-user functions are not executable by anon, authenticated or PUBLIC",
         exposed
             .into_iter()
             .map(|(f, r)| format!("public.{f} is executable by {r}"))

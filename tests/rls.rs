@@ -241,3 +241,61 @@ async fn images_are_visible_to_their_owner_only(pool: PgPoolOptions, connect: Pg
         .unwrap();
     assert_eq!(seen, 0);
 }
+
+#[sqlx::test]
+async fn users_cannot_borrow_the_read_functions_to_act_as_someone_else(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect.clone()).await;
+    let alice = app.user().await;
+    let bob = app.user().await;
+    let bobs_claims = serde_json::json!({"sub": bob.id, "role": "authenticated"}).to_string();
+
+    let mut conn = as_user(&connect, alice.id).await;
+    for sql in [
+        "select * from public.profile_as_user($1)",
+        "select * from public.transactions_as_user($1, null, 20)",
+        "select * from public.images_as_user($1, null, null, 20)",
+        "select * from public.enter_user_session($1)",
+    ] {
+        let outcome = sqlstate(sqlx::query(sql).bind(&bobs_claims).execute(&mut conn).await);
+        assert_eq!(outcome, "42501", "{sql}");
+    }
+}
+
+#[sqlx::test]
+async fn the_read_functions_hand_back_the_callers_role(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect.clone()).await;
+    let alice = app.user().await;
+    let _bob = app.user().await;
+    let claims = serde_json::json!({"sub": alice.id, "role": "authenticated"}).to_string();
+
+    let mut service = PgConnection::connect_with(&connect).await.unwrap();
+    let mut tx = sqlx::Connection::begin(&mut service).await.unwrap();
+    sqlx::query("set local role service_role")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let seen: Vec<Uuid> = sqlx::query_scalar("select id from public.profile_as_user($1)")
+        .bind(&claims)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(seen, vec![alice.id], "inside: the user's own row only");
+    let (role, claims_after, visible): (String, String, i64) = sqlx::query_as(
+        "select current_user::text, coalesce(current_setting('request.jwt.claims', true), ''),
+                (select count(*) from public.profiles)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(
+        (role.as_str(), claims_after.as_str(), visible),
+        ("service_role", "", 2),
+        "after: back to service_role"
+    );
+}
