@@ -6,6 +6,10 @@
 -- definer could not switch roles) and executable by service_role only: this service calls them
 -- after verifying the token whose claims it passes.
 
+-- Inside, the user is compared as `(select auth.uid())`: an init plan, so the comparison can use
+-- the primary key and index while RLS stays in force; `auth.uid()` itself is not leakproof and
+-- would force a sequential scan under RLS.
+
 -- Becomes the user; answers the role and claims to restore afterwards.
 create function public.enter_user_session(claims text) returns text[]
 language plpgsql volatile
@@ -29,7 +33,7 @@ as $$
 declare
   previous text[] := public.enter_user_session(profile_as_user.claims);
 begin
-  return query select p.* from public.profiles p where p.id = auth.uid();
+  return query select p.* from public.profiles p where p.id = (select auth.uid());
   -- Back to the caller's role (set_config is everyone's; SET ROLE is checked against the
   -- session user, so no user-callable function is needed, and none is offered).
   perform pg_catalog.set_config('request.jwt.claims', previous[2], true);
@@ -56,7 +60,7 @@ begin
     update public.profiles p
        set display_name = case when set_display_name then new_display_name else p.display_name end,
            avatar_url = case when set_avatar_url then new_avatar_url else p.avatar_url end
-     where p.id = auth.uid()
+     where p.id = (select auth.uid())
     returning p.*;
   -- Back to the caller's role (set_config is everyone's; SET ROLE is checked against the
   -- session user, so no user-callable function is needed, and none is offered).
@@ -77,7 +81,7 @@ begin
   -- other rows anyway.
   return query
     select t.* from public.credit_transactions t
-     where t.user_id = auth.uid() and (before_seq is null or t.seq < before_seq)
+     where t.user_id = (select auth.uid()) and (before_seq is null or t.seq < before_seq)
      order by t.seq desc
      limit max_rows;
   -- Back to the caller's role (set_config is everyone's; SET ROLE is checked against the
@@ -97,7 +101,7 @@ declare
 begin
   return query
     select i.* from public.images i
-     where i.user_id = auth.uid()
+     where i.user_id = (select auth.uid())
        and (after_created_at is null or (i.created_at, i.id) < (after_created_at, after_id))
      order by i.created_at desc, i.id desc
      limit max_rows;
