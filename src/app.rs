@@ -32,17 +32,29 @@ use crate::{
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Everything a handler may need, cheap to clone.
+/// Everything a handler may need. One `Arc` inside: every layer and extractor clones the
+/// state per request, and one atomic count is cheaper than one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// The contents of [`AppState`], reached through `Deref`.
+pub struct Shared {
     pub pool: PgPool,
-    pub config: Arc<Config>,
-    pub verifier: Arc<TokenVerifier>,
-    pub rate_limiter: Arc<RateLimiter>,
+    pub config: Config,
+    pub verifier: TokenVerifier,
+    pub rate_limiter: RateLimiter,
     pub http: reqwest::Client,
     pub metrics: PrometheusHandle,
     /// `public.ad_daily_limit()`, read once: the rule lives in SQL.
-    ad_daily_limit: Arc<tokio::sync::OnceCell<i32>>,
+    ad_daily_limit: tokio::sync::OnceCell<i32>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl AppState {
@@ -55,18 +67,15 @@ impl AppState {
             .user_agent(concat!("amethyst-credits/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("the HTTP client builds with static settings");
-        Self {
-            verifier: Arc::new(TokenVerifier::new(&config.jwt, http.clone())),
-            rate_limiter: Arc::new(RateLimiter::new(
-                config.rate_limit_per_minute,
-                config.rate_limit_burst,
-            )),
-            config: Arc::new(config),
+        AppState(Arc::new(Shared {
+            verifier: TokenVerifier::new(&config.jwt, http.clone()),
+            rate_limiter: RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst),
+            config,
             pool,
             http,
             metrics: telemetry::metrics_handle(),
-            ad_daily_limit: Arc::new(tokio::sync::OnceCell::new()),
-        }
+            ad_daily_limit: tokio::sync::OnceCell::new(),
+        }))
     }
 
     /// The number of rewarded ad views a day, as the database decides it.

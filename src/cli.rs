@@ -246,8 +246,8 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
         .await
         .with_context(|| format!("could not listen on {} (BIND_ADDR)", config.bind_addr))?;
     let state = AppState::new(config, pool);
-    let verifier = state.verifier.clone();
-    tokio::spawn(async move { verifier.prefetch().await });
+    let prefetching = state.clone();
+    tokio::spawn(async move { prefetching.verifier.prefetch().await });
 
     let address = listener.local_addr()?;
     tracing::info!(%address, "listening");
