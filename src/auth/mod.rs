@@ -117,16 +117,19 @@ impl TokenVerifier {
         validation.validate_aud = false;
 
         let data =
-            jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, key.get(), &validation)
-                .map_err(|err| match err.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired",
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => "the token is not valid yet",
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => "bad signature",
-                _ => "the token could not be verified",
+            jsonwebtoken::decode::<TokenClaims>(token, key.get(), &validation).map_err(|err| {
+                match err.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired",
+                    jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                        "the token is not valid yet"
+                    }
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature => "bad signature",
+                    _ => "the token could not be verified",
+                }
             })?;
         let claims = data.claims;
 
-        let role = match claims.get("role").and_then(Value::as_str) {
+        let role = match claims.role.as_deref() {
             Some("anon") => Role::Anon,
             Some("authenticated") => Role::Authenticated,
             Some("service_role") => Role::ServiceRole,
@@ -135,21 +138,21 @@ impl TokenVerifier {
 
         let legacy_service_key = algorithm == Algorithm::HS256
             && role == Role::ServiceRole
-            && !claims.contains_key("aud")
-            && !claims.contains_key("sub")
-            && claims.get("iss").and_then(Value::as_str) == Some("supabase");
+            && claims.aud.is_none()
+            && claims.sub.is_none()
+            && claims.iss.as_deref() == Some("supabase");
         if !legacy_service_key {
-            if !audience_matches(claims.get("aud"), &self.audience) {
+            if !audience_matches(claims.aud.as_ref(), &self.audience) {
                 return Err("wrong audience");
             }
             if let Some(issuer) = &self.issuer
-                && claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str())
+                && claims.iss.as_deref() != Some(issuer.as_str())
             {
                 return Err("wrong issuer");
             }
         }
 
-        let user_id = match claims.get("sub") {
+        let user_id = match &claims.sub {
             None => None,
             Some(Value::String(sub)) => {
                 Some(Uuid::parse_str(sub).map_err(|_| "the subject is not a user id")?)
@@ -160,19 +163,32 @@ impl TokenVerifier {
         Ok(VerifiedToken {
             role,
             user_id,
-            email: claims
-                .get("email")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            is_anonymous: claims
-                .get("is_anonymous")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            claims: serde_json::to_string(&claims)
-                .map_err(|_| "malformed token")?
-                .into(),
+            email: claims.email,
+            is_anonymous: claims.is_anonymous.unwrap_or(false),
+            claims: signed_payload(token).ok_or("malformed token")?.into(),
         })
     }
+}
+
+/// The claims this service reads; the rest travel untouched in the signed payload.
+#[derive(serde::Deserialize)]
+struct TokenClaims {
+    role: Option<String>,
+    sub: Option<Value>,
+    email: Option<String>,
+    is_anonymous: Option<bool>,
+    aud: Option<Value>,
+    iss: Option<String>,
+}
+
+/// The payload exactly as signed (already verified by the caller), for `request.jwt.claims`.
+fn signed_payload(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 enum KeyRef<'a> {
