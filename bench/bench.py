@@ -399,10 +399,12 @@ def main() -> None:
 
 def run_scaling(args, db: Database, binary: Path, work: Path, stamp: str, machine: dict) -> None:
     points = []
-    plan = [(100_000, 100_000), (100_000, 1_000_000), (100_000, 10_000_000), (1_000, 100_000)]
-    for users, rows_target in plan:
+    # (users, users with 1,000 rows of history, rows wanted in credit_transactions): the rows
+    # grow tenfold at 1k users and at 100k users, and 1k and 100k users meet at about 1M rows.
+    plan = [(1_000, 99, 100_000), (1_000, 1_000, 1_000_000), (100_000, 1_000, 1_100_000), (100_000, 1_000, 10_000_000)]
+    for users, history, rows_target in plan:
         args.users = users
-        history = min(args.history_users, users)
+        args.history_users = history
         base_rows = users + history * 999
         prepare(args, db, binary, filler_rows=max(0, rows_target - base_rows))
         total = int(db.psql("select count(*) from public.credit_transactions", capture=True))

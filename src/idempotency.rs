@@ -107,23 +107,9 @@ where
     };
 
     let mut tx = pool.begin().await?;
-    // A record older than 24 h is expired: the key is claimed again as if new.
-    let claimed: Option<i32> = sqlx::query_scalar(
-        "insert into public.idempotency_keys (owner, key, request_hash)
-         values ($1, $2, $3)
-         on conflict (owner, key) do update
-            set request_hash = excluded.request_hash, status_code = null, response_body = null,
-                created_at = now()
-          where public.idempotency_keys.created_at < now() - interval '24 hours'
-         returning 1",
-    )
-    .bind(owner)
-    .bind(key)
-    .bind(&request_hash)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let claimed = claim(&mut *tx, owner, key, &request_hash).await?;
 
-    if claimed.is_none() {
+    if !claimed {
         tx.rollback().await?;
         // The other request committed (we waited for it on the key's row): its answer is there.
         return match lookup(pool, owner, key, &request_hash).await? {
@@ -135,16 +121,7 @@ where
     }
 
     let stored = work(&mut tx).await?;
-    sqlx::query(
-        "update public.idempotency_keys set status_code = $3, response_body = $4
-          where owner = $1 and key = $2",
-    )
-    .bind(owner)
-    .bind(key)
-    .bind(stored.status.as_u16() as i16)
-    .bind(&stored.body)
-    .execute(&mut *tx)
-    .await?;
+    store(&mut *tx, owner, key, &stored).await?;
     tx.commit().await?;
     Ok(stored.into_response(false))
 }
@@ -168,36 +145,10 @@ where
     };
     let give_up = std::time::Instant::now() + std::time::Duration::from_secs(35);
     loop {
-        let claimed: Option<i32> = sqlx::query_scalar(
-            "insert into public.idempotency_keys (owner, key, request_hash)
-             values ($1, $2, $3)
-             on conflict (owner, key) do update
-                set request_hash = excluded.request_hash, status_code = null, response_body = null,
-                    created_at = now()
-              where public.idempotency_keys.created_at < now() - interval '24 hours'
-                 or (public.idempotency_keys.status_code is null
-                     and public.idempotency_keys.created_at < now() - interval '60 seconds')
-             returning 1",
-        )
-        .bind(owner)
-        .bind(key)
-        .bind(&request_hash)
-        .fetch_optional(pool)
-        .await?;
-
-        if claimed.is_some() {
+        if claim(pool, owner, key, &request_hash).await? {
             return match work().await {
                 Ok(stored) => {
-                    sqlx::query(
-                        "update public.idempotency_keys set status_code = $3, response_body = $4
-                          where owner = $1 and key = $2",
-                    )
-                    .bind(owner)
-                    .bind(key)
-                    .bind(stored.status.as_u16() as i16)
-                    .bind(&stored.body)
-                    .execute(pool)
-                    .await?;
+                    store(pool, owner, key, &stored).await?;
                     Ok(stored.into_response(false))
                 }
                 Err(err) => {
@@ -225,6 +176,51 @@ where
             }
         }
     }
+}
+
+/// Claims (owner, key) for this request: a new key, an expired record (over 24 h), or a claim
+/// abandoned for over a minute by a process that died before storing its answer. While the
+/// claiming transaction is open, a concurrent claim of the same key waits on its row.
+async fn claim<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    owner: &str,
+    key: &str,
+    request_hash: &[u8],
+) -> Result<bool, sqlx::Error> {
+    let claimed: Option<i32> = sqlx::query_scalar(
+        "insert into public.idempotency_keys (owner, key, request_hash)
+         values ($1, $2, $3)
+         on conflict (owner, key) do update
+            set request_hash = excluded.request_hash, status_code = null, response_body = null,
+                created_at = now()
+          where public.idempotency_keys.created_at < now() - interval '24 hours'
+             or (public.idempotency_keys.status_code is null
+                 and public.idempotency_keys.created_at < now() - interval '60 seconds')
+         returning 1",
+    )
+    .bind(owner)
+    .bind(key)
+    .bind(request_hash)
+    .fetch_optional(executor)
+    .await?;
+    Ok(claimed.is_some())
+}
+
+/// Stores the answer under the claimed key.
+async fn store<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    owner: &str,
+    key: &str,
+    stored: &Stored,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("update public.idempotency_keys set status_code = $3, response_body = $4 where owner = $1 and key = $2")
+        .bind(owner)
+        .bind(key)
+        .bind(stored.status.as_u16() as i16)
+        .bind(&stored.body)
+        .execute(executor)
+        .await?;
+    Ok(())
 }
 
 enum Lookup {
