@@ -75,6 +75,8 @@ pub enum Command {
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum TokenRole {
     Authenticated,
+    /// Spelled as Supabase spells the role (`service_role`, not clap's `service-role`).
+    #[value(name = "service_role")]
     ServiceRole,
 }
 

@@ -237,7 +237,9 @@ async fn serve_creates_the_database_migrates_answers_and_stops_on_sigterm() {
     };
     std::thread::spawn(move || for _ in lines {});
 
-    let ready = reqwest::get(format!("http://{address}/ready"))
+    let ready = common::http_client()
+        .get(format!("http://{address}/ready"))
+        .send()
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
@@ -256,6 +258,40 @@ async fn serve_creates_the_database_migrates_answers_and_stops_on_sigterm() {
     }
     let status = status.expect("the server stops within 5 s of SIGTERM");
     assert!(status.success(), "{status:?}");
+
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+        .await
+        .unwrap();
+    sqlx::query(&format!("drop database if exists \"{name}\" with (force)"))
+        .execute(&mut admin)
+        .await
+        .ok();
+}
+
+#[tokio::test]
+async fn migrate_creates_the_database_and_verify_passes_on_it() {
+    let (url, admin_url) = fresh_database_url();
+    let run = |verb: &str| {
+        Command::new(env!("CARGO_BIN_EXE_amethyst-credits"))
+            .arg(verb)
+            .env("DATABASE_URL", &url)
+            .env("LOG_FORMAT", "json")
+            .output()
+            .unwrap()
+    };
+    let first = run("migrate");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let again = run("migrate");
+    assert!(again.status.success(), "migrating twice is harmless");
+    let verify = run("verify");
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{report}");
+    assert!(report.contains("all 7 checks passed"), "{report}");
 
     let name = url.rsplit('/').next().unwrap().to_owned();
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
@@ -319,6 +355,36 @@ fn token_mints_a_token_the_service_accepts() {
     assert_eq!(data.claims["email"], "t@example.com");
     let lifetime = data.claims["exp"].as_i64().unwrap() - data.claims["iat"].as_i64().unwrap();
     assert_eq!(lifetime, 600);
+}
+
+#[test]
+fn token_mints_service_role_tokens_too() {
+    let output = Command::new(env!("CARGO_BIN_EXE_amethyst-credits"))
+        .args([
+            "token",
+            "--sub",
+            "7d3c1c52-7a3f-4f57-9a59-1b8f2f0e0c11",
+            "--role",
+            "service_role",
+        ])
+        .env("SUPABASE_JWT_SECRET", common::SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8(output.stdout).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_audience(&["authenticated"]);
+    let data = jsonwebtoken::decode::<Value>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(common::SECRET.as_bytes()),
+        &validation,
+    )
+    .unwrap();
+    assert_eq!(data.claims["role"], "service_role");
 }
 
 #[test]

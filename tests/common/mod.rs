@@ -23,6 +23,13 @@ use uuid::Uuid;
 pub const SECRET: &str = "test-only-jwt-secret-that-is-at-least-32-chars";
 pub const ISSUER: &str = "http://127.0.0.1:54321/auth/v1";
 
+/// An HTTP client for tests that talk to a server without building the app first (the app
+/// installs rustls's crypto provider; reqwest is built without a default one).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 /// The configuration tests start from: HS256 secret, issuer set, no rate limit (the rate
 /// limit test turns it on).
 pub fn test_config() -> Config {
