@@ -72,7 +72,8 @@ create index stripe_charges_payment_intent_idx on public.stripe_charges (payment
 
 -- Takes back the share of a grant that its charges' refunds and disputes cover, down to a zero
 -- balance at most; what the balance could not cover is recorded as the grant's shortfall.
-create function public.stripe_settle_grant(grant_id uuid) returns void
+-- Answers the credits taken from the balance.
+create function public.stripe_settle_grant(grant_id uuid) returns integer
 language plpgsql security definer
 set search_path = ''
 as $$
@@ -87,7 +88,7 @@ declare
 begin
   select * into g from public.stripe_grants sg where sg.id = stripe_settle_grant.grant_id for update;
   if not found then
-    return;
+    return 0;
   end if;
 
   select coalesce(sum(c.amount), 0), coalesce(sum(least(c.amount, c.amount_refunded + c.amount_disputed)), 0)
@@ -96,13 +97,13 @@ begin
    where (g.charge is not null and c.id = g.charge)
       or (g.payment_intent is not null and c.payment_intent = g.payment_intent);
   if paid = 0 then
-    return;
+    return 0;
   end if;
 
   target := least(g.credits, floor(g.credits::numeric * returned / paid))::integer;
   owed := target - g.credits_revoked;
   if owed <= 0 then
-    return;
+    return 0;
   end if;
 
   select p.credits into available from public.profiles p where p.id = g.user_id for update;
@@ -115,6 +116,7 @@ begin
   update public.stripe_grants sg
      set credits_revoked = target, shortfall = sg.shortfall + (owed - taken)
    where sg.id = g.id;
+  return taken;
 end;
 $$;
 
@@ -186,18 +188,20 @@ end;
 $$;
 
 -- Records a charge's cumulative refunded and disputed amounts, then settles the grants it paid.
+-- Answers the credits taken back from balances.
 create function public.stripe_record_charge(
   charge_id text,
   payment_intent text,
   amount integer,
   amount_refunded integer,
   amount_disputed integer
-) returns void
+) returns integer
 language plpgsql security definer
 set search_path = ''
 as $$
 declare
   affected uuid;
+  taken integer := 0;
 begin
   perform public.stripe_lock_payment(stripe_record_charge.payment_intent, stripe_record_charge.charge_id);
   insert into public.stripe_charges as c (id, payment_intent, amount, amount_refunded, amount_disputed)
@@ -217,8 +221,9 @@ begin
             and sg.payment_intent = stripe_record_charge.payment_intent)
      order by sg.id
   loop
-    perform public.stripe_settle_grant(affected);
+    taken := taken + public.stripe_settle_grant(affected);
   end loop;
+  return taken;
 end;
 $$;
 

@@ -514,6 +514,8 @@ async fn a_dispute_takes_back_the_disputed_share(pool: PgPoolOptions, connect: P
     assert_eq!(app.balance(user.id).await, 0);
     let refund = app.count("select count(*) from public.credit_transactions where user_id = $1 and source = 'refund'", user.id).await;
     assert_eq!(refund, 1);
+    let metrics = app.get("/metrics", None).await;
+    assert!(metrics.body.as_str().unwrap().contains(r#"credits_spent_total{source="refund"}"#));
 }
 
 #[sqlx::test]

@@ -376,13 +376,14 @@ struct Charge {
 }
 
 async fn charge_refunded(conn: &mut PgConnection, charge: Charge) -> Outcome {
-    sqlx::query("select public.stripe_record_charge($1, $2, $3, $4, 0)")
+    let taken: i32 = sqlx::query_scalar("select public.stripe_record_charge($1, $2, $3, $4, 0)")
         .bind(&charge.id)
         .bind(id_of(&charge.payment_intent))
         .bind(clamp(charge.amount))
         .bind(clamp(charge.amount_refunded))
-        .execute(&mut *conn)
+        .fetch_one(&mut *conn)
         .await?;
+    telemetry::credits_spent("refund", i64::from(taken));
     Ok(Handled::Processed)
 }
 
@@ -411,13 +412,14 @@ async fn dispute_created(conn: &mut PgConnection, dispute: Dispute) -> Outcome {
     .fetch_one(&mut *conn)
     .await?;
     let disputed = clamp(dispute.amount);
-    sqlx::query("select public.stripe_record_charge($1, $2, $3, 0, $4)")
+    let taken: i32 = sqlx::query_scalar("select public.stripe_record_charge($1, $2, $3, 0, $4)")
         .bind(&charge)
         .bind(&payment_intent)
         .bind(known.unwrap_or(disputed).max(disputed))
         .bind(disputed)
-        .execute(&mut *conn)
+        .fetch_one(&mut *conn)
         .await?;
+    telemetry::credits_spent("refund", i64::from(taken));
     Ok(Handled::Processed)
 }
 
