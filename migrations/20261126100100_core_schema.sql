@@ -54,13 +54,14 @@ create table public.ad_views (
   credits_awarded integer not null check (credits_awarded >= 0),
   ad_unit_id text check (char_length(ad_unit_id) <= 255),
   provider text check (char_length(provider) <= 100),
-  transaction_id uuid references public.credit_transactions (id) on delete set null,
+  -- The ledger row this links to. No foreign key: ledger rows move to the archive (monthly
+  -- maintenance), and the link must survive that untouched.
+  transaction_id uuid,
   created_at timestamptz not null default now()
 );
 
 create index ad_views_user_created_idx on public.ad_views (user_id, created_at desc);
 create index ad_views_viewed_on_idx on public.ad_views (viewed_on);
-create index ad_views_transaction_idx on public.ad_views (transaction_id);
 
 create table public.credit_packs (
   id uuid primary key,
@@ -88,13 +89,14 @@ create table public.images (
   mime_type text,
   metadata jsonb not null default '{}'::jsonb,
   analysis jsonb,
-  transaction_id uuid references public.credit_transactions (id) on delete set null,
+  -- The ledger row this links to. No foreign key: ledger rows move to the archive (monthly
+  -- maintenance), and the link must survive that untouched.
+  transaction_id uuid,
   created_at timestamptz not null default now(),
   unique (storage_bucket, storage_path)
 );
 
 create index images_user_created_idx on public.images (user_id, created_at desc, id desc);
-create index images_transaction_idx on public.images (transaction_id);
 
 -- One row per (caller, Idempotency-Key). The row is inserted inside the transaction that does
 -- the work, so a concurrent request with the same key waits on it and then replays the answer.

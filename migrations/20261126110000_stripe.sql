@@ -41,7 +41,9 @@ create table public.stripe_grants (
   -- balance could not cover (it is never taken below zero).
   credits_revoked integer not null default 0 check (credits_revoked between 0 and credits),
   shortfall integer not null default 0 check (shortfall >= 0),
-  transaction_id uuid references public.credit_transactions (id) on delete set null,
+  -- The ledger row this links to. No foreign key: ledger rows move to the archive (monthly
+  -- maintenance), and the link must survive that untouched.
+  transaction_id uuid,
   event_id text,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
@@ -52,7 +54,6 @@ create index stripe_grants_user_idx on public.stripe_grants (user_id);
 create index stripe_grants_payment_intent_idx on public.stripe_grants (payment_intent) where payment_intent is not null;
 create index stripe_grants_charge_idx on public.stripe_grants (charge) where charge is not null;
 create index stripe_grants_pack_idx on public.stripe_grants (pack_id);
-create index stripe_grants_transaction_idx on public.stripe_grants (transaction_id);
 
 create trigger stripe_grants_touch_updated_at before update on public.stripe_grants
   for each row execute function public.touch_updated_at();
@@ -106,7 +107,9 @@ begin
     return 0;
   end if;
 
-  select p.credits into available from public.profiles p where p.id = g.user_id for update;
+  -- FOR NO KEY UPDATE, as add_credits' UPDATE takes: it does not conflict with the key-share
+  -- locks that inserts referencing the profile take (the archival's, for one).
+  select p.credits into available from public.profiles p where p.id = g.user_id for no key update;
   taken := least(owed, coalesce(available, 0));
   if taken > 0 then
     perform public.add_credits(g.user_id, -taken, 'refund',
@@ -188,7 +191,9 @@ end;
 $$;
 
 -- Records a charge's cumulative refunded and disputed amounts, then settles the grants it paid.
--- Answers the credits taken back from balances.
+-- A null amount (a dispute, which does not carry its charge's amount) is taken from what is known
+-- of the charge or of the purchase it paid, read under the payment's lock; failing both, the
+-- whole charge is taken as disputed. Answers the credits taken back from balances.
 create function public.stripe_record_charge(
   charge_id text,
   payment_intent text,
@@ -202,10 +207,25 @@ as $$
 declare
   affected uuid;
   taken integer := 0;
+  charge_amount integer := stripe_record_charge.amount;
 begin
   perform public.stripe_lock_payment(stripe_record_charge.payment_intent, stripe_record_charge.charge_id);
+  if charge_amount is null then
+    charge_amount := greatest(
+      coalesce(
+        (select c.amount from public.stripe_charges c where c.id = stripe_record_charge.charge_id),
+        (select g.amount from public.stripe_grants g
+          where g.charge = stripe_record_charge.charge_id
+             or (stripe_record_charge.payment_intent is not null
+                 and g.payment_intent = stripe_record_charge.payment_intent)
+          order by g.created_at limit 1),
+        0),
+      coalesce(stripe_record_charge.amount_disputed, 0),
+      coalesce(stripe_record_charge.amount_refunded, 0));
+  end if;
+
   insert into public.stripe_charges as c (id, payment_intent, amount, amount_refunded, amount_disputed)
-  values (stripe_record_charge.charge_id, stripe_record_charge.payment_intent, stripe_record_charge.amount,
+  values (stripe_record_charge.charge_id, stripe_record_charge.payment_intent, charge_amount,
           coalesce(stripe_record_charge.amount_refunded, 0), coalesce(stripe_record_charge.amount_disputed, 0))
   on conflict (id) do update
      set payment_intent = coalesce(c.payment_intent, excluded.payment_intent),

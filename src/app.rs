@@ -139,8 +139,9 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(run_to_completion))
-        .layer(middleware::from_fn(telemetry::track_requests))
         .layer(middleware::from_fn(move |req: Request, next: Next| time_limit(timeout, req, next)))
+        // Outside the time limit, so that timed-out requests are counted too.
+        .layer(middleware::from_fn(telemetry::track_requests))
         .layer(cors(&state.config))
         .layer(CatchPanicLayer::custom(|_panic| {
             ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()

@@ -211,6 +211,34 @@ async fn monthly_archives_exactly_the_old_rows_and_changes_no_balance(
     app.grant(*user, 1).await;
     assert_eq!(discrepancies(&app).await, 0);
 
+    // Rows that point at archived ledger rows keep their links.
+    let viewer = app.user().await;
+    let (view, entry): (Uuid, Uuid) =
+        sqlx::query_as("select view_id, transaction_id from public.handle_ad_view($1, 40)")
+            .bind(viewer.id)
+            .fetch_one(&app.owner)
+            .await
+            .unwrap();
+    sqlx::query("update public.credit_transactions set created_at = now() - interval '13 months' where id = $1")
+        .bind(entry)
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    let moved = run(&app, Task::Monthly, archival).await;
+    assert_eq!(moved.findings["archived"], 1);
+    let link: Option<Uuid> =
+        sqlx::query_scalar("select transaction_id from public.ad_views where id = $1")
+            .bind(view)
+            .fetch_one(&app.owner)
+            .await
+            .unwrap();
+    assert_eq!(
+        link,
+        Some(entry),
+        "archiving does not cut the ad view's link to its ledger row"
+    );
+    assert_eq!(discrepancies(&app).await, 0);
+
     let again = run(&app, Task::Monthly, archival).await;
     assert_eq!(again.findings["archived"], 0, "a rerun moves nothing more");
     assert_eq!(
@@ -219,7 +247,7 @@ async fn monthly_archives_exactly_the_old_rows_and_changes_no_balance(
             "select count(*) from public.credit_transactions_archive"
         )
         .await,
-        12
+        13
     );
 }
 

@@ -515,7 +515,13 @@ async fn a_dispute_takes_back_the_disputed_share(pool: PgPoolOptions, connect: P
     let refund = app.count("select count(*) from public.credit_transactions where user_id = $1 and source = 'refund'", user.id).await;
     assert_eq!(refund, 1);
     let metrics = app.get("/metrics", None).await;
-    assert!(metrics.body.as_str().unwrap().contains(r#"credits_spent_total{source="refund"}"#));
+    assert!(
+        metrics
+            .body
+            .as_str()
+            .unwrap()
+            .contains(r#"credits_spent_total{source="refund"}"#)
+    );
 }
 
 #[sqlx::test]
@@ -967,4 +973,34 @@ async fn refunding_a_renewal_paid_under_the_2025_api_takes_its_credits_back(
         200
     );
     assert_eq!(app.balance(user.id).await, 0);
+}
+
+#[sqlx::test]
+async fn a_renewal_whose_payment_stripe_cannot_name_yet_is_retried(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    new_pack(&app, 300, "subscription", "price_later").await;
+    let id = event_id();
+    let invoice = invoice_basil(
+        "in_unpaid_1",
+        "cus_later",
+        "sub_later",
+        "price_later",
+        "subscription_cycle",
+        user.id,
+    );
+
+    let answer = app.webhook(&event(&id, "invoice.paid", invoice)).await;
+
+    assert_eq!(answer.status, 503, "{:?}", answer.body);
+    assert_eq!(event_status(&app, &id).await.0, "failed");
+    assert_eq!(
+        app.balance(user.id).await,
+        0,
+        "no grant that a refund could never find"
+    );
 }

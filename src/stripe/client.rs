@@ -68,12 +68,13 @@ impl StripeClient<'_> {
         parse(&answer)
     }
 
-    /// The payment intent and charge that paid `invoice`. From API version 2025-03-31 invoices no
-    /// longer carry them, and webhook payloads do not include the invoice's `payments` list.
+    /// The payment intent and charge of `invoice`'s paid payment, if Stripe lists one. From API
+    /// version 2025-03-31 invoices no longer carry them, and webhook payloads do not include the
+    /// invoice's `payments` list.
     pub async fn invoice_payment(
         &self,
         invoice: &str,
-    ) -> Result<(Option<String>, Option<String>), StripeApiError> {
+    ) -> Result<Option<(Option<String>, Option<String>)>, StripeApiError> {
         let query = serde_urlencoded::to_string([("invoice", invoice), ("limit", "10")])
             .map_err(|e| StripeApiError::Unavailable(e.to_string()))?;
         let answer = self
@@ -85,14 +86,12 @@ impl StripeClient<'_> {
             )
             .await?;
         let list: PaymentList = parse(&answer)?;
-        let paid = list
+        Ok(list
             .data
-            .iter()
+            .into_iter()
             .find(|p| p.status.as_deref() == Some("paid"))
-            .or(list.data.first());
-        Ok(paid
-            .map(|p| (p.payment.payment_intent.clone(), p.payment.charge.clone()))
-            .unwrap_or_default())
+            .map(|p| (p.payment.payment_intent, p.payment.charge))
+            .filter(|(intent, charge)| intent.is_some() || charge.is_some()))
     }
 
     /// One API call with retries on network errors and 5xx (the same idempotency key on each

@@ -94,6 +94,10 @@ pub async fn receive(
         .map_err(|e| ApiError::field("body", format!("not a Stripe event: {e}")))?;
     let payload: Value = serde_json::from_slice(&body).map_err(|e| ApiError::Internal(e.into()))?;
 
+    // Anything to ask Stripe is asked before the transaction opens: no row lock or pooled
+    // connection is held while Stripe answers.
+    let payment_link = look_up_payment(&state, &event).await;
+
     let mut tx = state.pool.begin().await?;
     // Claim the event: a new id, or one whose earlier handling failed. A concurrent delivery
     // waits here on the primary key until this transaction ends.
@@ -127,7 +131,7 @@ pub async fn receive(
     // outcome is still recorded on the event row.
     let outcome = {
         let mut savepoint = (&mut *tx).begin().await?;
-        let outcome = handle(&mut savepoint, &event, &state).await;
+        let outcome = handle(&mut savepoint, &event, &payment_link).await;
         if outcome.is_ok() {
             savepoint.commit().await?;
         } else {
@@ -171,6 +175,40 @@ pub async fn receive(
             Err(ApiError::Unavailable("the event could not be handled yet"))
         }
     }
+}
+
+/// The payment intent and charge that paid an invoice, or why they could not be found.
+type PaymentLink = Result<(Option<String>, Option<String>), String>;
+
+/// For a paid subscription invoice that does not name its payment (API versions from
+/// 2025-03-31), the payment Stripe lists for it. Without it a later refund of the invoice could
+/// not take its credits back, so a failed lookup is worth Stripe's retry. None when there is
+/// nothing to look up, or no key to look it up with.
+async fn look_up_payment(state: &AppState, event: &Event) -> Option<PaymentLink> {
+    if event.kind != "invoice.paid" {
+        return None;
+    }
+    let invoice: Invoice = serde_json::from_value(event.data.object.clone()).ok()?;
+    if !invoice.grants_credits() || invoice.amount_paid <= 0 || invoice.payment_link().is_some() {
+        return None;
+    }
+    let secret_key = state.config.stripe.secret_key.as_ref()?;
+    let client = StripeClient {
+        http: &state.http,
+        api_base: &state.config.stripe.api_base,
+        secret_key,
+    };
+    Some(match client.invoice_payment(&invoice.id).await {
+        Ok(Some(link)) => Ok(link),
+        Ok(None) => Err(format!(
+            "Stripe lists no paid payment for invoice {} yet",
+            invoice.id
+        )),
+        Err(e) => Err(format!(
+            "could not look up the payment of invoice {}: {e}",
+            invoice.id
+        )),
+    })
 }
 
 fn record(kind: &str, outcome: &'static str) {
@@ -224,7 +262,11 @@ fn object<T: DeserializeOwned>(event: &Event) -> Result<T, Failure> {
         .map_err(|e| Failure::Permanent(format!("malformed {} object: {e}", event.kind)))
 }
 
-async fn handle(conn: &mut PgConnection, event: &Event, state: &AppState) -> Outcome {
+async fn handle(
+    conn: &mut PgConnection,
+    event: &Event,
+    payment_link: &Option<PaymentLink>,
+) -> Outcome {
     match event.kind.as_str() {
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
             checkout_paid(conn, event, object(event)?).await
@@ -241,7 +283,7 @@ async fn handle(conn: &mut PgConnection, event: &Event, state: &AppState) -> Out
         | "customer.subscription.deleted" => {
             subscription_changed(conn, event, object(event)?).await
         }
-        "invoice.paid" => invoice_paid(conn, event, object(event)?, state).await,
+        "invoice.paid" => invoice_paid(conn, event, object(event)?, payment_link).await,
         _ => Ok(Handled::Ignored),
     }
 }
@@ -397,26 +439,12 @@ struct Dispute {
 async fn dispute_created(conn: &mut PgConnection, dispute: Dispute) -> Outcome {
     let charge = id_of(&dispute.charge)
         .ok_or_else(|| Failure::Permanent("the dispute names no charge".to_owned()))?;
-    let payment_intent = id_of(&dispute.payment_intent);
-    // The dispute does not carry the charge's amount: take it from what is known of the charge
-    // or of the purchase it paid, else assume the whole charge is disputed.
-    let known: Option<i32> = sqlx::query_scalar(
-        "select coalesce(
-           (select c.amount from public.stripe_charges c where c.id = $1),
-           (select g.amount from public.stripe_grants g
-             where g.charge = $1 or ($2::text is not null and g.payment_intent = $2)
-             order by g.created_at limit 1))",
-    )
-    .bind(&charge)
-    .bind(&payment_intent)
-    .fetch_one(&mut *conn)
-    .await?;
-    let disputed = clamp(dispute.amount);
-    let taken: i32 = sqlx::query_scalar("select public.stripe_record_charge($1, $2, $3, 0, $4)")
+    // The dispute does not carry its charge's amount: the function finds it under the
+    // payment's lock (a null amount says so).
+    let taken: i32 = sqlx::query_scalar("select public.stripe_record_charge($1, $2, null, 0, $3)")
         .bind(&charge)
-        .bind(&payment_intent)
-        .bind(known.unwrap_or(disputed).max(disputed))
-        .bind(disputed)
+        .bind(id_of(&dispute.payment_intent))
+        .bind(clamp(dispute.amount))
         .fetch_one(&mut *conn)
         .await?;
     telemetry::credits_spent("refund", i64::from(taken));
@@ -601,6 +629,22 @@ impl Invoice {
             .collect()
     }
 
+    /// The payment intent and charge the invoice itself names, if any (classic fields, or an
+    /// expanded `payments` list).
+    fn payment_link(&self) -> Option<(Option<String>, Option<String>)> {
+        let intent = id_of(&self.payment_intent).or_else(|| self.first_payment("payment_intent"));
+        let charge = id_of(&self.charge).or_else(|| self.first_payment("charge"));
+        (intent.is_some() || charge.is_some()).then_some((intent, charge))
+    }
+
+    /// Whether this invoice grants credits (a subscription's first or renewal invoice).
+    fn grants_credits(&self) -> bool {
+        matches!(
+            self.billing_reason.as_deref(),
+            Some("subscription_create" | "subscription_cycle")
+        )
+    }
+
     fn first_payment(&self, field: &str) -> Option<String> {
         self.payments
             .as_ref()
@@ -617,11 +661,10 @@ async fn invoice_paid(
     conn: &mut PgConnection,
     event: &Event,
     invoice: Invoice,
-    state: &AppState,
+    payment_link: &Option<PaymentLink>,
 ) -> Outcome {
-    match invoice.billing_reason.as_deref() {
-        Some("subscription_create" | "subscription_cycle") => {}
-        _ => return Ok(Handled::Processed),
+    if !invoice.grants_credits() {
+        return Ok(Handled::Processed);
     }
     if invoice.subscription_id().is_none() {
         return Err(Failure::Permanent(format!(
@@ -679,34 +722,20 @@ async fn invoice_paid(
     if let Some(customer) = &customer {
         remember_customer(conn, user, customer).await?;
     }
-    let mut payment_intent =
-        id_of(&invoice.payment_intent).or_else(|| invoice.first_payment("payment_intent"));
-    let mut charge = id_of(&invoice.charge).or_else(|| invoice.first_payment("charge"));
-    if payment_intent.is_none() && charge.is_none() && invoice.amount_paid > 0 {
-        // Newer API versions: the payment is only reachable through the API. Without the link a
-        // later refund of this invoice could not take its credits back, so a failed lookup is
-        // worth Stripe's retry.
-        match &state.config.stripe.secret_key {
-            Some(secret_key) => {
-                let client = StripeClient {
-                    http: &state.http,
-                    api_base: &state.config.stripe.api_base,
-                    secret_key,
-                };
-                (payment_intent, charge) =
-                    client.invoice_payment(&invoice.id).await.map_err(|e| {
-                        Failure::Retry(format!(
-                            "could not look up the payment of invoice {}: {e}",
-                            invoice.id
-                        ))
-                    })?;
+    let (payment_intent, charge) = match invoice.payment_link() {
+        Some(link) => link,
+        None => match payment_link {
+            Some(Ok(link)) => link.clone(),
+            Some(Err(why)) => return Err(Failure::Retry(why.clone())),
+            None => {
+                tracing::warn!(
+                    invoice = %invoice.id,
+                    "this invoice's payment is unknown (STRIPE_SECRET_KEY is not set): its refunds will not take credits back"
+                );
+                (None, None)
             }
-            None => tracing::warn!(
-                invoice = %invoice.id,
-                "STRIPE_SECRET_KEY is not set: this invoice's payment cannot be linked, so its refunds will not take credits back"
-            ),
-        }
-    }
+        },
+    };
     let granted: Option<Uuid> = sqlx::query_scalar(
         "select public.stripe_grant('invoice', $1, $2, $3, $4, $5, $6, $7, $8, 'subscription', $9, $10)",
     )

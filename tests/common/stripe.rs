@@ -189,6 +189,13 @@ async fn invoice_payments(
         .find(|(k, _)| k == "invoice")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
+    if invoice.starts_with("in_unpaid") {
+        // Stripe has not recorded the payment (yet).
+        return axum::Json(
+            json!({"object": "list", "data": [], "has_more": false, "url": "/v1/invoice_payments"}),
+        )
+        .into_response();
+    }
     let payment_intent = format!("pi_{}", invoice.trim_start_matches("in_"));
     axum::Json(json!({
         "object": "list",
