@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::AdminCaller;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::extract::{ApiJson, IdPath};
+use crate::extract::{ApiJson, IdPath, List};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -63,9 +63,9 @@ pub struct AdminCreditPack {
     get,
     path = "/v1/credit-packs",
     tag = "credits",
-    responses((status = 200, body = inline(PackList)))
+    responses((status = 200, body = List<CreditPack>))
 )]
-pub async fn list_packs(State(state): State<AppState>) -> ApiResult<Json<PackList>> {
+pub async fn list_packs(State(state): State<AppState>) -> ApiResult<Json<List<CreditPack>>> {
     let items: Vec<CreditPack> = sqlx::query_as(
         "select id, name, credits, kind, unit_amount, currency
            from public.credit_packs where active
@@ -73,12 +73,11 @@ pub async fn list_packs(State(state): State<AppState>) -> ApiResult<Json<PackLis
     )
     .fetch_all(&state.pool)
     .await?;
-    Ok(Json(PackList { items }))
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct PackList {
-    pub items: Vec<CreditPack>,
+    // The catalogue is short: one page, in the shape of every list.
+    Ok(Json(List {
+        items,
+        next_cursor: None,
+    }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -248,6 +248,7 @@ async fn packs_are_created_replaced_and_listed_when_active(
     assert_eq!(created.body["stripe_price_id"], "price_123");
 
     let listed = app.get("/v1/credit-packs", None).await;
+    assert_eq!(listed.body["next_cursor"], Value::Null);
     assert_eq!(
         listed.body["items"],
         json!([{"id": id, "name": "Starter", "credits": 100, "kind": "one_time", "unit_amount": 499, "currency": "eur"}])
