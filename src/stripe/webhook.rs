@@ -7,7 +7,7 @@
 //! payment (`checkout.session.completed`, `…async_payment_succeeded`) grant once between them.
 //!
 //! A handler failure that a retry may cure (an unknown user, a database error) is recorded as
-//! `failed` and answered with a 500 so that Stripe retries; a malformed object is recorded as
+//! `failed` and answered with a 503 so that Stripe retries; a malformed object is recorded as
 //! `rejected` and answered with a 200 so that it is not retried for days.
 
 use std::collections::HashMap;
@@ -52,8 +52,7 @@ pub struct WebhookReceipt {
         (status = 200, body = WebhookReceipt),
         (status = 400, description = "Bad signature (`invalid_signature`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 500, description = "Handling failed; Stripe will retry", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No webhook secret configured", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Handling failed or the service is not configured; Stripe will retry", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn receive(
