@@ -583,6 +583,12 @@ async fn a_malformed_event_is_recorded_as_rejected_and_not_retried(
     assert!(error.unwrap().contains("malformed"));
     assert_eq!(app.webhook(&delivery).await.body["duplicate"], true);
 
+    // An envelope the events table cannot hold is refused, not a 500.
+    let oversized = app
+        .webhook(&event(&"e".repeat(300), "invoice.paid", json!({})))
+        .await;
+    assert_eq!(oversized.status, 422, "{:?}", oversized.body);
+
     let other = event_id();
     assert_eq!(
         app.webhook(&event(&other, "product.created", json!({"id": "prod_1"})))

@@ -92,6 +92,12 @@ pub async fn receive(
     let event: Event = serde_json::from_slice(&body)
         .map_err(|e| ApiError::field("body", format!("not a Stripe event: {e}")))?;
     let payload: Value = serde_json::from_slice(&body).map_err(|e| ApiError::Internal(e.into()))?;
+    if !(1..=255).contains(&event.id.len()) || !(1..=255).contains(&event.kind.len()) {
+        return Err(ApiError::field(
+            "body",
+            "not a Stripe event: id and type must be 1 to 255 characters",
+        ));
+    }
 
     // Anything to ask Stripe is asked before the transaction opens: no row lock or pooled
     // connection is held while Stripe answers.
