@@ -14,15 +14,16 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::AppState;
 use crate::auth::AdminCaller;
-use crate::credits::{self, BalanceChange, Transaction, check_text};
+use crate::credits::{self, BalanceChange, Transaction};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{
-    ApiJson, ApiQuery, IdPath, List, PageParams, parse_time_id, time_id_position,
+    ApiJson, ApiQuery, IdPath, List, PageParams, check_text, parse_time_id, time_id_position,
 };
-use crate::idempotency::{self, IdempotencyKey, Stored};
+use crate::idempotency::{self, Claim, IdempotencyKey};
+use crate::limits;
 use crate::profiles::{self, Profile, ProfileRow};
+use crate::state::AppState;
 use crate::telemetry;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -74,18 +75,26 @@ pub async fn search_users(
         .filter(|e| !e.is_empty());
     if email
         .as_ref()
-        .is_some_and(|e| e.chars().count() > 320 || e.chars().any(char::is_control))
+        .is_some_and(|e| e.chars().count() > limits::EMAIL_CHARS || e.chars().any(char::is_control))
     {
         return Err(ApiError::field(
             "email",
-            "at most 320 characters, no control characters",
+            format!(
+                "at most {} characters, no control characters",
+                limits::EMAIL_CHARS
+            ),
         ));
     }
     // The cursor holds the last row's (created_at, id).
     let after = page.cursor.as_deref().map(parse_time_id).transpose()?;
     let pattern = email.map(|e| format!("%{}%", escape_like(&e)));
     let rows: Vec<ProfileRow> = sqlx::query_as(
-        "select p.* from public.profiles p
+        "select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
+                a.views_today, a.daily_limit, a.views_remaining, a.resets_at,
+                p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
+                p.created_at, p.updated_at
+           from public.profiles p
+          cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
           where ($1::text is null or lower(p.email) like $1 escape '\\')
             and ($2::timestamptz is null or (p.created_at, p.id) < ($2, $3))
           order by p.created_at desc, p.id desc
@@ -97,11 +106,7 @@ pub async fn search_users(
     .bind(page.limit + 1)
     .fetch_all(&state.pool)
     .await?;
-    let (now, limit) = (chrono::Utc::now(), state.ad_daily_limit().await?);
-    let profiles: Vec<Profile> = rows
-        .into_iter()
-        .map(|r| Profile::from_row(r, now, limit))
-        .collect();
+    let profiles: Vec<Profile> = rows.into_iter().map(Profile::from).collect();
     Ok(Json(List::from_rows(profiles, page.limit, |p| {
         time_id_position(&p.created_at, &p.id)
     })))
@@ -137,7 +142,7 @@ pub async fn get_user(
     _admin: AdminCaller,
     IdPath(id): IdPath,
 ) -> ApiResult<Json<Profile>> {
-    let profile = profiles::fetch(&state, id)
+    let profile = profiles::fetch(&state.pool, id)
         .await?
         .ok_or(ApiError::ProfileNotFound)?;
     Ok(Json(profile))
@@ -213,17 +218,20 @@ pub async fn adjust_credits(
 ) -> ApiResult<Response> {
     let request = body.value;
     let mut errors = Vec::new();
-    if request.amount == 0 || request.amount.abs() > 1_000_000_000 {
+    if request.amount == 0 || request.amount.abs() > limits::ADJUST_MAX {
         errors.push(FieldError::new(
             "amount",
-            "must be a non-zero whole number between -1000000000 and 1000000000",
+            format!(
+                "must be a non-zero whole number between -{max} and {max}",
+                max = limits::ADJUST_MAX
+            ),
         ));
     }
     let reason = Some(request.reason.trim().to_owned()).filter(|r| !r.is_empty());
     if reason.is_none() {
         errors.push(FieldError::new("reason", "is required"));
     }
-    check_text(&mut errors, "reason", &reason, 500);
+    check_text(&mut errors, "reason", &reason, limits::DESCRIPTION_CHARS);
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
@@ -231,32 +239,35 @@ pub async fn adjust_credits(
     let actor = admin.actor();
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
     let owner = format!("admin:{actor}");
-    idempotency::run(&state.pool, &owner, key.as_deref(), hash, move |conn| {
-        Box::pin(async move {
-            let transaction: Transaction =
-                sqlx::query_as("select * from public.add_credits($1, $2, 'admin', $3, $4)")
-                    .bind(id)
-                    .bind(request.amount as i32)
-                    .bind(&reason)
-                    .bind(format!("admin:{actor}"))
-                    .fetch_one(conn)
-                    .await?;
-            if request.amount > 0 {
-                telemetry::credits_granted("admin", request.amount);
-            } else {
-                telemetry::credits_spent("admin", -request.amount);
-            }
-            let balance = transaction.balance_after;
-            Stored::json(
-                StatusCode::CREATED,
-                &BalanceChange {
-                    transaction,
-                    balance,
-                },
-            )
-        })
-    })
-    .await
+    let mut work =
+        match idempotency::try_processing(&state.pool, &owner, key.as_deref(), &hash).await? {
+            Claim::Replay(answer) => return Ok(answer),
+            Claim::Start(work) => work,
+        };
+    let transaction: Transaction =
+        sqlx::query_as("select * from public.add_credits($1, $2, 'admin', $3, $4)")
+            .bind(id)
+            .bind(request.amount as i32)
+            .bind(&reason)
+            .bind(&owner)
+            .fetch_one(work.conn())
+            .await?;
+    let balance = transaction.balance_after;
+    let answer = work
+        .save(
+            StatusCode::CREATED,
+            &BalanceChange {
+                transaction,
+                balance,
+            },
+        )
+        .await?;
+    if request.amount > 0 {
+        telemetry::credits_granted("admin", request.amount);
+    } else {
+        telemetry::credits_spent("admin", -request.amount);
+    }
+    Ok(answer)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -316,13 +327,16 @@ pub async fn stats(
     ApiQuery(params): ApiQuery<StatsParams>,
 ) -> ApiResult<Json<Stats>> {
     let days: i32 = match params.days.as_deref() {
-        None => 30,
+        None => limits::STATS_DAYS_DEFAULT,
         Some(raw) => match raw.parse() {
-            Ok(n) if (1..=366).contains(&n) => n,
+            Ok(n) if (1..=limits::STATS_DAYS_MAX).contains(&n) => n,
             _ => {
                 return Err(ApiError::field(
                     "days",
-                    "must be a whole number from 1 to 366",
+                    format!(
+                        "must be a whole number from 1 to {}",
+                        limits::STATS_DAYS_MAX
+                    ),
                 ));
             }
         },

@@ -5,7 +5,7 @@
 use axum::extract::{OriginalUri, State};
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
 use utoipa::ToSchema;
@@ -13,23 +13,16 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::AuthUser;
-use crate::credits::check_text;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::extract::ApiJson;
-use crate::idempotency::{self, IdempotencyKey, Stored};
-use crate::profiles::next_midnight;
+use crate::extract::{ApiJson, check_text};
+use crate::idempotency::{self, Claim, IdempotencyKey};
+use crate::limits;
+use crate::state::AppState;
 use crate::telemetry;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(record_view))
-}
-
-/// Seconds from `now` to the next midnight UTC (at least 1), for `Retry-After`.
-pub fn seconds_until_utc_midnight(now: DateTime<Utc>) -> u64 {
-    let next = next_midnight(now.date_naive());
-    (next - now).num_seconds().max(1) as u64
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -50,8 +43,8 @@ struct AdViewRow {
     credits_awarded: i32,
     balance: i32,
     views_today: i32,
-    daily_limit: i32,
-    today: NaiveDate,
+    views_remaining: i32,
+    resets_at: DateTime<Utc>,
 }
 
 /// The outcome of a recorded ad view.
@@ -95,56 +88,33 @@ pub async fn record_view(
     }
     let request = body.value;
     let mut errors = Vec::new();
-    if !(0..=86_400).contains(&request.duration_seconds) {
+    if !(0..=limits::AD_DURATION_MAX).contains(&request.duration_seconds) {
         errors.push(FieldError::new(
             "duration_seconds",
-            "must be a whole number from 0 to 86400",
+            format!(
+                "must be a whole number from 0 to {}",
+                limits::AD_DURATION_MAX
+            ),
         ));
     }
-    check_text(&mut errors, "ad_unit_id", &request.ad_unit_id, 255);
-    check_text(&mut errors, "provider", &request.provider, 100);
+    check_text(
+        &mut errors,
+        "ad_unit_id",
+        &request.ad_unit_id,
+        limits::AD_UNIT_CHARS,
+    );
+    check_text(
+        &mut errors,
+        "provider",
+        &request.provider,
+        limits::AD_PROVIDER_CHARS,
+    );
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
 
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
-    let user_id = user.id;
-    let result = idempotency::run(
-        &state.pool,
-        &user.id.to_string(),
-        key.as_deref(),
-        hash,
-        move |conn| {
-            Box::pin(async move {
-                let row: AdViewRow = sqlx::query_as(
-                    "select v.view_id, v.credits_awarded, v.balance, v.views_today,
-                        public.ad_daily_limit() as daily_limit,
-                        (now() at time zone 'utc')::date as today
-                   from public.handle_ad_view($1, $2, $3, $4) v",
-                )
-                .bind(user_id)
-                .bind(request.duration_seconds as i32)
-                .bind(&request.ad_unit_id)
-                .bind(&request.provider)
-                .fetch_one(conn)
-                .await?;
-                telemetry::credits_granted("ad_view", i64::from(row.credits_awarded));
-                Stored::json(
-                    StatusCode::CREATED,
-                    &AdViewResult {
-                        view_id: row.view_id,
-                        duration_seconds: request.duration_seconds,
-                        credits_awarded: row.credits_awarded,
-                        balance: row.balance,
-                        views_today: row.views_today,
-                        views_remaining: (row.daily_limit - row.views_today).max(0),
-                        resets_at: next_midnight(row.today),
-                    },
-                )
-            })
-        },
-    )
-    .await;
+    let result = record(&state, &user, key.as_deref(), &hash, &request).await;
     let outcome = match &result {
         Ok(_) => "accepted",
         Err(ApiError::DailyAdLimitReached { .. }) => "refused",
@@ -152,4 +122,46 @@ pub async fn record_view(
     };
     metrics::counter!("ad_views_total", "outcome" => outcome).increment(1);
     result
+}
+
+async fn record(
+    state: &AppState,
+    user: &AuthUser,
+    key: Option<&str>,
+    hash: &[u8],
+    request: &AdViewRequest,
+) -> ApiResult<Response> {
+    let mut work =
+        match idempotency::try_processing(&state.pool, &user.id.to_string(), key, hash).await? {
+            Claim::Replay(answer) => return Ok(answer),
+            Claim::Start(work) => work,
+        };
+    // The day, the count and the reset time are the database's (public.ad_allowance).
+    let row: AdViewRow = sqlx::query_as(
+        "select v.view_id, v.credits_awarded, v.balance, a.views_today, a.views_remaining, a.resets_at
+           from public.handle_ad_view($1, $2, $3, $4) v
+          cross join lateral public.ad_allowance((now() at time zone 'utc')::date, v.views_today) a",
+    )
+    .bind(user.id)
+    .bind(request.duration_seconds as i32)
+    .bind(&request.ad_unit_id)
+    .bind(&request.provider)
+    .fetch_one(work.conn())
+    .await?;
+    let answer = work
+        .save(
+            StatusCode::CREATED,
+            &AdViewResult {
+                view_id: row.view_id,
+                duration_seconds: request.duration_seconds,
+                credits_awarded: row.credits_awarded,
+                balance: row.balance,
+                views_today: row.views_today,
+                views_remaining: row.views_remaining,
+                resets_at: row.resets_at,
+            },
+        )
+        .await?;
+    telemetry::credits_granted("ad_view", i64::from(row.credits_awarded));
+    Ok(answer)
 }

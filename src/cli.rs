@@ -1,4 +1,4 @@
-//! The command line (CONTRACT §1): each verb is a thin call into the library.
+//! The command line (docs/api.md, "Command line"): each verb is a thin call into the library.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -10,7 +10,9 @@ use sqlx::Connection;
 use uuid::Uuid;
 
 use crate::config::{Config, DEV_JWT_SECRET, LogFormat};
-use crate::{AppState, app, db, maintenance, openapi, telemetry, verify};
+use crate::router::{app, openapi};
+use crate::state::AppState;
+use crate::{db, maintenance, operations, telemetry, verify};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -178,7 +180,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Openapi => {
-            println!("{}", openapi::document().to_pretty_json()?);
+            println!("{}", openapi().to_pretty_json()?);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -247,9 +249,38 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
     let listener = tokio::net::TcpListener::bind(config.bind_addr)
         .await
         .with_context(|| format!("could not listen on {} (BIND_ADDR)", config.bind_addr))?;
+    let metrics_listener = match config.metrics.bind_addr {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("could not listen on {address} (METRICS_BIND_ADDR)"))?,
+        ),
+        None => None,
+    };
     let state = AppState::new(config, pool);
     let prefetching = state.clone();
     tokio::spawn(async move { prefetching.verifier.prefetch().await });
+    // The maintenance gauges come from the recorded runs (pg_cron's too); refreshed here so
+    // that a scrape never queries the database.
+    let gauges = state.pool.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            if let Err(err) = operations::refresh_maintenance_gauges(&gauges).await {
+                tracing::warn!(error = %err, "could not read the maintenance runs for /metrics");
+            }
+        }
+    });
+    if let Some(listener) = metrics_listener {
+        tracing::info!(address = %listener.local_addr()?, "serving /metrics");
+        let metrics = operations::metrics_router(state.clone());
+        tokio::spawn(async move {
+            if let Err(err) = axum::serve(listener, metrics).await {
+                tracing::error!(error = %err, "the metrics listener failed");
+            }
+        });
+    }
 
     let address = listener.local_addr()?;
     tracing::info!(%address, "listening");

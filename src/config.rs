@@ -54,6 +54,15 @@ pub struct StripeConfig {
     pub cancel_url: Option<String>,
 }
 
+/// Where `/metrics` is served and what it requires.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// `METRICS_BIND_ADDR`: a separate listener for `/metrics` (then absent from the main one).
+    pub bind_addr: Option<SocketAddr>,
+    /// `METRICS_TOKEN`: the bearer token a scrape must send.
+    pub token: Option<Secret>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// May hold a password: printed only on purpose.
@@ -69,6 +78,7 @@ pub struct Config {
     pub rate_limit_per_minute: u32,
     pub rate_limit_burst: u32,
     pub request_timeout: Duration,
+    pub metrics: MetricsConfig,
     /// `serve --dev`: the well-known local secret is in use.
     pub dev: bool,
 }
@@ -201,6 +211,20 @@ impl Config {
             30,
         )?);
 
+        let metrics = MetricsConfig {
+            bind_addr: get("METRICS_BIND_ADDR")
+                .map(|v| {
+                    v.parse().map_err(|_| {
+                        invalid(
+                            "METRICS_BIND_ADDR",
+                            "expected host:port, such as 127.0.0.1:9090",
+                        )
+                    })
+                })
+                .transpose()?,
+            token: get("METRICS_TOKEN").map(Secret::new),
+        };
+
         Ok(Config {
             database_url,
             database_max_connections,
@@ -224,6 +248,7 @@ impl Config {
             rate_limit_per_minute,
             rate_limit_burst,
             request_timeout,
+            metrics,
             dev: false,
         })
     }

@@ -13,11 +13,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::extract::{ApiJson, ApiQuery, List, Page, PageParams, bad_cursor};
-use crate::idempotency::{self, IdempotencyKey, Stored};
+use crate::extract::{ApiJson, ApiQuery, List, Page, PageParams, bad_cursor, check_text};
+use crate::idempotency::{self, Claim, IdempotencyKey};
+use crate::limits;
+use crate::state::AppState;
 use crate::telemetry;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -122,20 +123,6 @@ pub struct BalanceChange {
     pub balance: i32,
 }
 
-/// Checks free text: length in characters, and no control characters.
-pub fn check_text(errors: &mut Vec<FieldError>, field: &str, value: &Option<String>, max: usize) {
-    if let Some(text) = value {
-        if text.chars().count() > max {
-            errors.push(FieldError::new(field, format!("at most {max} characters")));
-        } else if text.chars().any(|c| c.is_control() && c != '\n') {
-            errors.push(FieldError::new(
-                field,
-                "must not contain control characters",
-            ));
-        }
-    }
-}
-
 /// Spends credits from the caller's balance.
 #[utoipa::path(
     post,
@@ -160,46 +147,54 @@ pub async fn spend(
 ) -> ApiResult<Response> {
     let request = body.value;
     let mut errors = Vec::new();
-    if !(1..=1_000_000).contains(&request.amount) {
+    if !(1..=limits::SPEND_MAX).contains(&request.amount) {
         errors.push(FieldError::new(
             "amount",
-            "must be a whole number from 1 to 1000000",
+            format!("must be a whole number from 1 to {}", limits::SPEND_MAX),
         ));
     }
-    check_text(&mut errors, "description", &request.description, 500);
-    check_text(&mut errors, "reference", &request.reference, 255);
+    check_text(
+        &mut errors,
+        "description",
+        &request.description,
+        limits::DESCRIPTION_CHARS,
+    );
+    check_text(
+        &mut errors,
+        "reference",
+        &request.reference,
+        limits::REFERENCE_CHARS,
+    );
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
 
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
-    let user_id = user.id;
-    idempotency::run(
-        &state.pool,
-        &user.id.to_string(),
-        key.as_deref(),
-        hash,
-        move |conn| {
-            Box::pin(async move {
-                let transaction: Transaction =
-                    sqlx::query_as("select * from public.spend_credits($1, $2, $3, $4)")
-                        .bind(user_id)
-                        .bind(request.amount as i32)
-                        .bind(&request.description)
-                        .bind(&request.reference)
-                        .fetch_one(conn)
-                        .await?;
-                telemetry::credits_spent("spend", request.amount);
-                let balance = transaction.balance_after;
-                Stored::json(
-                    StatusCode::CREATED,
-                    &BalanceChange {
-                        transaction,
-                        balance,
-                    },
-                )
-            })
-        },
-    )
-    .await
+    let mut work =
+        match idempotency::try_processing(&state.pool, &user.id.to_string(), key.as_deref(), &hash)
+            .await?
+        {
+            Claim::Replay(answer) => return Ok(answer),
+            Claim::Start(work) => work,
+        };
+    let transaction: Transaction =
+        sqlx::query_as("select * from public.spend_credits($1, $2, $3, $4)")
+            .bind(user.id)
+            .bind(request.amount as i32)
+            .bind(&request.description)
+            .bind(&request.reference)
+            .fetch_one(work.conn())
+            .await?;
+    let balance = transaction.balance_after;
+    let answer = work
+        .save(
+            StatusCode::CREATED,
+            &BalanceChange {
+                transaction,
+                balance,
+            },
+        )
+        .await?;
+    telemetry::credits_spent("spend", request.amount);
+    Ok(answer)
 }

@@ -9,7 +9,8 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 
-use crate::MIGRATOR;
+/// The migrations of `migrations/`, embedded in the binary. Tests and the CLI share it.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Parses `DATABASE_URL`.
 pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
@@ -65,11 +66,6 @@ pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
 /// The service's pool: every connection acts as `service_role`.
 pub async fn connect(options: PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
     Ok(pool_options(max_connections).connect_with(options).await?)
-}
-
-/// The same pool, opened without waiting for the database (it connects on first use).
-pub fn connect_lazy(options: PgConnectOptions, max_connections: u32) -> PgPool {
-    pool_options(max_connections).connect_lazy_with(options)
 }
 
 fn pool_options(max_connections: u32) -> PgPoolOptions {

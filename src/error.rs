@@ -250,11 +250,16 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("AC402") => return Self::InsufficientCredits,
                 Some("AC404") => return Self::ProfileNotFound,
+                // The function says when the ad day ends, in seconds, as the error's detail.
                 Some("AC429") => {
+                    let retry_after_seconds = db
+                        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .and_then(|e| e.detail())
+                        .and_then(|d| d.parse::<u64>().ok())
+                        .unwrap_or(1)
+                        .max(1);
                     return Self::DailyAdLimitReached {
-                        retry_after_seconds: crate::ads::seconds_until_utc_midnight(
-                            chrono::Utc::now(),
-                        ),
+                        retry_after_seconds,
                     };
                 }
                 // The balance check is the last line of defence behind the functions.

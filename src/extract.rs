@@ -14,9 +14,10 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, FieldError};
+use crate::limits;
 
-/// Largest request body on ordinary routes (CONTRACT §4).
-pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+/// Largest request body on ordinary routes.
+pub const BODY_LIMIT_BYTES: usize = limits::BODY_BYTES;
 
 /// A JSON body. Malformed JSON, wrong types and unknown fields answer 422 naming the field;
 /// an oversized body answers 413. The parsed document is kept for idempotency fingerprints.
@@ -71,15 +72,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or_default();
-        let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded_parse(query));
+        let deserializer =
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
         serde_path_to_error::deserialize(deserializer)
             .map(ApiQuery)
             .map_err(|e| ApiError::field(e.path().to_string(), e.inner().to_string()))
     }
 }
 
-fn form_urlencoded_parse(query: &str) -> form_urlencoded::Parse<'_> {
-    form_urlencoded::parse(query.as_bytes())
+/// Checks free text: length in characters, and no control characters (a new line is allowed).
+pub fn check_text(errors: &mut Vec<FieldError>, field: &str, value: &Option<String>, max: usize) {
+    if let Some(text) = value {
+        if text.chars().count() > max {
+            errors.push(FieldError::new(field, format!("at most {max} characters")));
+        } else if text.chars().any(|c| c.is_control() && c != '\n') {
+            errors.push(FieldError::new(
+                field,
+                "must not contain control characters",
+            ));
+        }
+    }
 }
 
 /// A UUID path segment; anything else answers 422.
@@ -121,13 +133,13 @@ impl PageParams {
     /// Checks the limit and opens the cursor (its payload, still to be parsed by the list).
     pub fn check(&self) -> Result<Page, ApiError> {
         let limit = match self.limit.as_deref() {
-            None => 20,
+            None => limits::PAGE_DEFAULT,
             Some(raw) => match raw.parse::<i64>() {
-                Ok(n) if (1..=100).contains(&n) => n,
+                Ok(n) if (1..=limits::PAGE_MAX).contains(&n) => n,
                 _ => {
                     return Err(ApiError::field(
                         "limit",
-                        "must be a whole number from 1 to 100",
+                        format!("must be a whole number from 1 to {}", limits::PAGE_MAX),
                     ));
                 }
             },

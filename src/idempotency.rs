@@ -1,14 +1,16 @@
-//! `Idempotency-Key` (CONTRACT §4): the same caller, key and request within 24 h gets the
-//! first answer again and nothing is applied twice, even when the requests race.
+//! `Idempotency-Key` (docs/api.md, "Idempotency"): the same caller, key and request within
+//! the window (`public.idempotency_window()`, 24 h) gets the first answer again and nothing is
+//! applied twice, even when the requests race.
+//!
+//! A handler goes through it in a straight line: [`try_processing`] either answers
+//! [`Claim::Replay`] (send the saved answer) or [`Claim::Start`] with a connection to do the
+//! work on; the handler does the work and hands the answer to [`Processing::save`].
 //!
 //! The key is claimed by inserting its row inside the transaction that does the work, and the
 //! answer is written into that row before the commit. A concurrent request with the same key
 //! blocks on the row's unique index until the first commits, then finds the answer and
 //! replays it. If the work fails, the transaction (claim included) rolls back and the next
 //! request with the key runs afresh: only successful answers are stored.
-
-use std::future::Future;
-use std::pin::Pin;
 
 use axum::body::Body;
 use axum::extract::FromRequestParts;
@@ -17,9 +19,11 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, PgPool};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use crate::error::{ApiError, ApiResult};
+use crate::limits;
 
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -38,7 +42,10 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         let key = value
             .to_str()
             .ok()
-            .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+            .filter(|k| {
+                (1..=limits::IDEMPOTENCY_KEY_CHARS).contains(&k.len())
+                    && k.bytes().all(|b| b.is_ascii_graphic())
+            })
             .ok_or_else(|| {
                 ApiError::field(
                     "Idempotency-Key",
@@ -61,13 +68,13 @@ pub fn fingerprint(method: &Method, path: &str, document: &serde_json::Value) ->
 }
 
 /// A successful answer, as stored and replayed.
-pub struct Stored {
-    pub status: StatusCode,
-    pub body: Vec<u8>,
+struct Stored {
+    status: StatusCode,
+    body: Vec<u8>,
 }
 
 impl Stored {
-    pub fn json(status: StatusCode, value: &impl Serialize) -> ApiResult<Self> {
+    fn json(status: StatusCode, value: &impl Serialize) -> ApiResult<Self> {
         let body = serde_json::to_vec(value).map_err(|e| ApiError::Internal(e.into()))?;
         Ok(Stored { status, body })
     }
@@ -87,84 +94,135 @@ impl Stored {
     }
 }
 
-/// Work that runs on the connection (inside the claiming transaction when a key is given).
-pub type Work<'c> = Pin<Box<dyn Future<Output = ApiResult<Stored>> + Send + 'c>>;
-
-/// Runs `work` once per (owner, key, request); see the module documentation.
-pub async fn run<F>(
-    pool: &PgPool,
-    owner: &str,
-    key: Option<&str>,
-    request_hash: Vec<u8>,
-    work: F,
-) -> ApiResult<Response>
-where
-    F: for<'c> FnOnce(&'c mut PgConnection) -> Work<'c> + Send,
-{
-    let Some(key) = key else {
-        let mut conn = pool.acquire().await?;
-        return Ok(work(&mut conn).await?.into_response(false));
-    };
-
-    let mut tx = pool.begin().await?;
-    let claimed = claim(&mut *tx, owner, key, &request_hash).await?;
-
-    if !claimed {
-        tx.rollback().await?;
-        // The other request committed (we waited for it on the key's row): its answer is there.
-        return match lookup(pool, owner, key, &request_hash).await? {
-            Lookup::Answer(response) => Ok(response),
-            Lookup::Missing | Lookup::Pending => Err(ApiError::Internal(anyhow::anyhow!(
-                "idempotency record without an answer"
-            ))),
-        };
-    }
-
-    let stored = work(&mut tx).await?;
-    store(&mut *tx, owner, key, &stored).await?;
-    tx.commit().await?;
-    Ok(stored.into_response(false))
+/// The outcome of trying to start a request that may carry a key.
+pub enum Claim<T> {
+    /// The same request was answered before (or concurrently, and we waited for it): its
+    /// answer, to send again.
+    Replay(Response),
+    /// The request is new: do the work with `T`, then save the answer through it.
+    Start(T),
 }
 
-/// Like [`run`], for work done outside the database (a call to Stripe): no connection is held
-/// while it runs. The key is claimed in a short transaction of its own; a concurrent request
-/// with the same key polls until the answer is stored (or the claim is released by a failure,
-/// or abandoned by a crashed process for over a minute, when it claims the key itself).
-pub async fn run_external<Fut>(
+/// A request whose work runs in the database. With a key, the claim and the work share one
+/// transaction, which [`Processing::save`] commits with the answer; dropping it (the work
+/// failed) rolls both back, so a retry with the key runs afresh.
+pub struct Processing {
+    conn: Conn,
+    record: Option<(String, String)>,
+}
+
+enum Conn {
+    Plain(PoolConnection<Postgres>),
+    Claimed(Transaction<'static, Postgres>),
+}
+
+impl Processing {
+    /// The connection to do the work on (inside the claiming transaction when keyed).
+    pub fn conn(&mut self) -> &mut PgConnection {
+        match &mut self.conn {
+            Conn::Plain(conn) => conn,
+            Conn::Claimed(tx) => tx,
+        }
+    }
+
+    /// Stores the answer under the key and commits the work with it.
+    pub async fn save(self, status: StatusCode, body: &impl Serialize) -> ApiResult<Response> {
+        let stored = Stored::json(status, body)?;
+        if let (Conn::Claimed(mut tx), Some((owner, key))) = (self.conn, self.record) {
+            store(&mut *tx, &owner, &key, &stored).await?;
+            tx.commit().await?;
+        }
+        Ok(stored.into_response(false))
+    }
+}
+
+/// Starts a request whose work runs in the database; see [`Processing`].
+pub async fn try_processing(
     pool: &PgPool,
     owner: &str,
     key: Option<&str>,
-    request_hash: Vec<u8>,
-    work: impl FnOnce() -> Fut,
-) -> ApiResult<Response>
-where
-    Fut: Future<Output = ApiResult<Stored>>,
-{
+    request_hash: &[u8],
+) -> ApiResult<Claim<Processing>> {
     let Some(key) = key else {
-        return Ok(work().await?.into_response(false));
+        return Ok(Claim::Start(Processing {
+            conn: Conn::Plain(pool.acquire().await?),
+            record: None,
+        }));
+    };
+    let mut tx = pool.begin().await?;
+    if claim(&mut *tx, owner, key, request_hash).await? {
+        return Ok(Claim::Start(Processing {
+            conn: Conn::Claimed(tx),
+            record: Some((owner.to_owned(), key.to_owned())),
+        }));
+    }
+    tx.rollback().await?;
+    // The other request committed (we waited for it on the key's row): its answer is there.
+    match lookup(pool, owner, key, request_hash).await? {
+        Lookup::Answer(response) => Ok(Claim::Replay(response)),
+        Lookup::Missing | Lookup::Pending => Err(ApiError::Internal(anyhow::anyhow!(
+            "idempotency record without an answer"
+        ))),
+    }
+}
+
+/// A request whose work happens outside the database (a call to Stripe): no connection is held
+/// while it runs. The key is claimed in a short transaction of its own; [`Reservation::save`]
+/// stores the answer, [`Reservation::release`] frees the key after a failure.
+pub struct Reservation {
+    pool: PgPool,
+    record: Option<(String, String)>,
+}
+
+impl Reservation {
+    pub async fn save(self, status: StatusCode, body: &impl Serialize) -> ApiResult<Response> {
+        let stored = Stored::json(status, body)?;
+        if let Some((owner, key)) = &self.record {
+            store(&self.pool, owner, key, &stored).await?;
+        }
+        Ok(stored.into_response(false))
+    }
+
+    /// The work failed: a retry with this key runs afresh.
+    pub async fn release(self) -> ApiResult<()> {
+        if let Some((owner, key)) = &self.record {
+            sqlx::query(
+                "delete from public.idempotency_keys where owner = $1 and key = $2 and status_code is null",
+            )
+            .bind(owner)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts a request whose work happens outside the database. A concurrent request with the
+/// same key polls until the answer is stored (or the claim is released by a failure, or
+/// abandoned by a crashed process for over a minute, when it claims the key itself).
+pub async fn try_reserving(
+    pool: &PgPool,
+    owner: &str,
+    key: Option<&str>,
+    request_hash: &[u8],
+) -> ApiResult<Claim<Reservation>> {
+    let Some(key) = key else {
+        return Ok(Claim::Start(Reservation {
+            pool: pool.clone(),
+            record: None,
+        }));
     };
     let give_up = std::time::Instant::now() + std::time::Duration::from_secs(35);
     loop {
-        if claim(pool, owner, key, &request_hash).await? {
-            return match work().await {
-                Ok(stored) => {
-                    store(pool, owner, key, &stored).await?;
-                    Ok(stored.into_response(false))
-                }
-                Err(err) => {
-                    // Release the claim: a retry with this key runs afresh.
-                    sqlx::query("delete from public.idempotency_keys where owner = $1 and key = $2 and status_code is null")
-                        .bind(owner)
-                        .bind(key)
-                        .execute(pool)
-                        .await?;
-                    Err(err)
-                }
-            };
+        if claim(pool, owner, key, request_hash).await? {
+            return Ok(Claim::Start(Reservation {
+                pool: pool.clone(),
+                record: Some((owner.to_owned(), key.to_owned())),
+            }));
         }
-
-        match lookup(pool, owner, key, &request_hash).await? {
-            Lookup::Answer(response) => return Ok(response),
+        match lookup(pool, owner, key, request_hash).await? {
+            Lookup::Answer(response) => return Ok(Claim::Replay(response)),
             Lookup::Missing => continue,
             Lookup::Pending => {
                 if std::time::Instant::now() > give_up {
@@ -193,7 +251,7 @@ async fn claim<'e>(
          on conflict (owner, key) do update
             set request_hash = excluded.request_hash, status_code = null, response_body = null,
                 created_at = now()
-          where public.idempotency_keys.created_at < now() - interval '24 hours'
+          where public.idempotency_keys.created_at < now() - public.idempotency_window()
              or (public.idempotency_keys.status_code is null
                  and public.idempotency_keys.created_at < now() - interval '60 seconds')
          returning 1",

@@ -5,29 +5,49 @@
 //! `migrations/`; this crate authenticates, validates input, calls one function and maps the
 //! outcome to the REST contract.
 
-pub mod admin;
-pub mod ads;
-pub mod app;
+//!
+//! Modules come in layers, and each imports only from layers below it:
+//!
+//! 1. plumbing: [`config`], [`limits`], [`error`], [`extract`], [`auth`], [`rate_limit`],
+//!    [`idempotency`], [`db`], [`telemetry`], [`openapi`] (the document's frame), and Stripe's
+//!    API client and signature scheme ([`stripe::client`], [`stripe::signature`]);
+//! 2. [`state`]: the shared state, built from the plumbing;
+//! 3. features, one per capability, each owning its routes, types and SQL: [`profiles`],
+//!    [`credits`], [`ads`], [`packs`], [`images`], [`admin`], [`stripe`], [`maintenance`],
+//!    [`operations`]; a feature may use a feature below it (admin shows profiles and credits);
+//! 4. [`router`]: the one place that knows every feature;
+//! 5. [`cli`] and [`verify`]: the binary's verbs.
+
+// 1. plumbing
 pub mod auth;
-pub mod cli;
 pub mod config;
-pub mod credits;
 pub mod db;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
+pub mod limits;
+pub mod openapi;
+pub mod rate_limit;
+pub mod telemetry;
+// 2. the shared state
+pub mod state;
+// 3. features
+pub mod admin;
+pub mod ads;
+pub mod credits;
 pub mod images;
 pub mod maintenance;
-pub mod openapi;
+pub mod operations;
 pub mod packs;
 pub mod profiles;
-pub mod rate_limit;
 pub mod stripe;
-pub mod telemetry;
+// 4. the router
+pub mod router;
+// 5. the verbs
+pub mod cli;
 pub mod verify;
 
-pub use app::{AppState, app};
 pub use config::Config;
-
-/// The migrations of `migrations/`, embedded in the binary. Tests and the CLI share it.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub use db::MIGRATOR;
+pub use router::app;
+pub use state::AppState;

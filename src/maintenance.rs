@@ -3,7 +3,6 @@
 //! calls; this module runs it from the CLI and shows its runs to admins.
 
 use std::fmt;
-use std::str::FromStr;
 
 use axum::Json;
 use axum::extract::State;
@@ -14,10 +13,10 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::AppState;
 use crate::auth::AdminCaller;
 use crate::error::{ApiResult, Problem};
 use crate::extract::{ApiQuery, List, PageParams, bad_cursor};
+use crate::state::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Task {
@@ -42,19 +41,6 @@ impl Task {
 impl fmt::Display for Task {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Task {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "daily" => Ok(Task::Daily),
-            "weekly" => Ok(Task::Weekly),
-            "monthly" => Ok(Task::Monthly),
-            _ => Err(format!("{s:?} is not daily, weekly or monthly")),
-        }
     }
 }
 
@@ -160,20 +146,27 @@ pub async fn list_runs(
     })))
 }
 
-/// Recent outcomes for `/metrics`: when each task last ran, and how it went.
-pub async fn record_last_runs(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+/// Every outcome a run can have.
+pub const OUTCOMES: &[&str] = &["ok", "findings", "failed", "interrupted", "running"];
+
+/// The latest run of one task.
+pub struct LastRun {
+    pub task: String,
+    pub outcome: String,
+    /// When it finished (or started, if still running), as a Unix time.
+    pub at: f64,
+}
+
+/// The latest run of each task, from the CLI and pg_cron alike.
+pub async fn last_runs(pool: &sqlx::PgPool) -> Result<Vec<LastRun>, sqlx::Error> {
     let rows: Vec<(String, String, f64)> = sqlx::query_as(
         "select distinct on (task) task, outcome, extract(epoch from coalesce(finished_at, started_at))::float8
            from public.maintenance_runs order by task, id desc",
     )
     .fetch_all(pool)
     .await?;
-    for (task, outcome, at) in rows {
-        metrics::gauge!("maintenance_last_run_timestamp_seconds", "task" => task.clone()).set(at);
-        for candidate in ["ok", "findings", "failed", "interrupted", "running"] {
-            metrics::gauge!("maintenance_last_run_outcome", "task" => task.clone(), "outcome" => candidate)
-                .set(if candidate == outcome { 1.0 } else { 0.0 });
-        }
-    }
-    Ok(())
+    Ok(rows
+        .into_iter()
+        .map(|(task, outcome, at)| LastRun { task, outcome, at })
+        .collect())
 }

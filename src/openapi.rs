@@ -1,5 +1,6 @@
-//! The OpenAPI document: its frame here, its paths and schemas from the handlers' own
-//! annotations (see each module's `router()`), so it cannot drift from the code.
+//! The OpenAPI document's frame: title, tags and the bearer scheme. Its paths and schemas come
+//! from the handlers' own annotations, gathered by `router::openapi()`, so it cannot drift from
+//! the code.
 
 use utoipa::Modify;
 use utoipa::OpenApi;
@@ -43,9 +44,4 @@ impl Modify for BearerAuth {
 /// The document's frame, before the routes are added.
 pub fn base() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
-}
-
-/// The complete document, as served at `/openapi.json`.
-pub fn document() -> utoipa::openapi::OpenApi {
-    crate::app::routes().1
 }

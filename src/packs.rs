@@ -11,10 +11,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::AdminCaller;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{ApiJson, IdPath, List};
+use crate::limits;
+use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -121,18 +122,30 @@ pub async fn put_pack(
     let p = body.value;
     let mut errors = Vec::new();
     let name = p.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        errors.push(FieldError::new("name", "1 to 100 characters"));
+    if name.is_empty()
+        || name.chars().count() > limits::PACK_NAME_CHARS
+        || name.chars().any(char::is_control)
+    {
+        errors.push(FieldError::new(
+            "name",
+            format!(
+                "1 to {} characters, no control characters",
+                limits::PACK_NAME_CHARS
+            ),
+        ));
     }
-    if !(1..=1_000_000).contains(&p.credits) {
+    if !(1..=limits::PACK_CREDITS_MAX).contains(&p.credits) {
         errors.push(FieldError::new(
             "credits",
-            "must be a whole number from 1 to 1000000",
+            format!(
+                "must be a whole number from 1 to {}",
+                limits::PACK_CREDITS_MAX
+            ),
         ));
     }
     if let Some(price) = &p.stripe_price_id
         && !(price.starts_with("price_")
-            && price.len() <= 255
+            && price.len() <= limits::STRIPE_ID_CHARS
             && price
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_'))
@@ -142,10 +155,13 @@ pub async fn put_pack(
             "must be a Stripe Price id (price_…)",
         ));
     }
-    if !(0..=99_999_999).contains(&p.unit_amount) {
+    if !(0..=limits::PACK_UNIT_AMOUNT_MAX).contains(&p.unit_amount) {
         errors.push(FieldError::new(
             "unit_amount",
-            "must be a whole number from 0 to 99999999",
+            format!(
+                "must be a whole number from 0 to {}",
+                limits::PACK_UNIT_AMOUNT_MAX
+            ),
         ));
     }
     let currency = p.currency.to_ascii_lowercase();

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use sqlx::FromRow;
 use utoipa::ToSchema;
@@ -10,16 +10,18 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::ApiJson;
+use crate::limits;
+use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_me, patch_me))
 }
 
-/// A row of `public.profiles`, as `select *` and the `*_as_user` functions return it.
+/// A profile as read: the columns of `public.profiles` the answer shows, and the ad allowance
+/// as `public.ad_allowance` computes it (the ad day is the database's).
 #[derive(Debug, FromRow)]
 pub struct ProfileRow {
     pub id: Uuid,
@@ -28,8 +30,10 @@ pub struct ProfileRow {
     pub avatar_url: Option<String>,
     pub credits: i32,
     pub is_admin: bool,
-    pub ad_views_date: Option<NaiveDate>,
-    pub ad_views_today: i32,
+    pub views_today: i32,
+    pub daily_limit: i32,
+    pub views_remaining: i32,
+    pub resets_at: DateTime<Utc>,
     pub subscription_status: Option<String>,
     pub subscription_plan: Option<String>,
     pub subscription_current_period_end: Option<DateTime<Utc>>,
@@ -72,24 +76,8 @@ pub struct AdAllowance {
     pub resets_at: DateTime<Utc>,
 }
 
-/// Midnight UTC after `day`.
-pub fn next_midnight(day: NaiveDate) -> DateTime<Utc> {
-    day.succ_opt()
-        .unwrap_or(day)
-        .and_hms_opt(0, 0, 0)
-        .expect("midnight exists")
-        .and_utc()
-}
-
-impl Profile {
-    /// The profile as of `now`: the day's ad counter only counts if it is today's (UTC).
-    pub fn from_row(row: ProfileRow, now: DateTime<Utc>, daily_limit: i32) -> Self {
-        let today = now.date_naive();
-        let views_today = if row.ad_views_date == Some(today) {
-            row.ad_views_today
-        } else {
-            0
-        };
+impl From<ProfileRow> for Profile {
+    fn from(row: ProfileRow) -> Self {
         Profile {
             id: row.id,
             email: row.email,
@@ -103,10 +91,10 @@ impl Profile {
                 current_period_end: row.subscription_current_period_end,
             }),
             ads: AdAllowance {
-                views_today,
-                daily_limit,
-                views_remaining: (daily_limit - views_today).max(0),
-                resets_at: next_midnight(today),
+                views_today: row.views_today,
+                daily_limit: row.daily_limit,
+                views_remaining: row.views_remaining,
+                resets_at: row.resets_at,
             },
             created_at: row.created_at,
             updated_at: row.updated_at,
@@ -115,13 +103,20 @@ impl Profile {
 }
 
 /// The profile of `id`, read as `service_role` (admin routes).
-pub async fn fetch(state: &AppState, id: Uuid) -> ApiResult<Option<Profile>> {
-    let row: Option<ProfileRow> = sqlx::query_as("select * from public.profiles where id = $1")
-        .bind(id)
-        .fetch_optional(&state.pool)
-        .await?;
-    let limit = state.ad_daily_limit().await?;
-    Ok(row.map(|r| Profile::from_row(r, Utc::now(), limit)))
+pub async fn fetch(pool: &sqlx::PgPool, id: Uuid) -> ApiResult<Option<Profile>> {
+    let row: Option<ProfileRow> = sqlx::query_as(
+        "select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
+                a.views_today, a.daily_limit, a.views_remaining, a.resets_at,
+                p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
+                p.created_at, p.updated_at
+           from public.profiles p
+          cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
+          where p.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(Profile::from))
 }
 
 /// The caller's profile.
@@ -139,16 +134,18 @@ pub async fn fetch(state: &AppState, id: Uuid) -> ApiResult<Option<Profile>> {
 )]
 pub async fn get_me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Profile>> {
     // One round trip: the function reads as the user, under RLS (see the user reads migration).
-    let row: Option<ProfileRow> = sqlx::query_as("select * from public.profile_as_user($1)")
-        .bind(&*user.claims)
-        .fetch_optional(&state.pool)
-        .await?;
-    let row = row.ok_or(ApiError::ProfileNotFound)?;
-    Ok(Json(Profile::from_row(
-        row,
-        Utc::now(),
-        state.ad_daily_limit().await?,
-    )))
+    let row: Option<ProfileRow> = sqlx::query_as(
+        "select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
+                a.views_today, a.daily_limit, a.views_remaining, a.resets_at,
+                p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
+                p.created_at, p.updated_at
+           from public.profile_as_user($1) p
+          cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a",
+    )
+    .bind(&*user.claims)
+    .fetch_optional(&state.pool)
+    .await?;
+    Ok(Json(row.ok_or(ApiError::ProfileNotFound)?.into()))
 }
 
 /// What a user may change about themselves. A field left out is unchanged; `null` clears it.
@@ -179,8 +176,11 @@ impl ProfileUpdate {
         let display_name = self.display_name.map(|v| {
             v.map(|s| s.trim().to_owned()).filter(|s| {
                 let n = s.chars().count();
-                if n > 100 {
-                    errors.push(FieldError::new("display_name", "at most 100 characters"));
+                if n > limits::DISPLAY_NAME_CHARS {
+                    errors.push(FieldError::new(
+                        "display_name",
+                        format!("at most {} characters", limits::DISPLAY_NAME_CHARS),
+                    ));
                 }
                 if s.chars().any(char::is_control) {
                     errors.push(FieldError::new(
@@ -195,12 +195,15 @@ impl ProfileUpdate {
             v.inspect(|s| {
                 let scheme_ok = s.starts_with("https://") || s.starts_with("http://");
                 if !scheme_ok
-                    || s.len() > 2048
+                    || s.chars().count() > limits::URL_CHARS
                     || s.chars().any(|c| c.is_whitespace() || c.is_control())
                 {
                     errors.push(FieldError::new(
                         "avatar_url",
-                        "must be an http(s) URL of at most 2048 characters",
+                        format!(
+                            "must be an http(s) URL of at most {} characters",
+                            limits::URL_CHARS
+                        ),
                     ));
                 }
             })
@@ -233,16 +236,20 @@ pub async fn patch_me(
 ) -> ApiResult<Json<Profile>> {
     let (display_name, avatar_url) = body.value.check()?;
     // As the user: RLS and the column privileges are what allow this update.
-    let row: Option<ProfileRow> =
-        sqlx::query_as("select * from public.update_profile_as_user($1, $2, $3, $4, $5)")
-            .bind(&*user.claims)
-            .bind(display_name.is_some())
-            .bind(display_name.flatten())
-            .bind(avatar_url.is_some())
-            .bind(avatar_url.flatten())
-            .fetch_optional(&state.pool)
-            .await?;
-    let row = row.ok_or(ApiError::ProfileNotFound)?;
-    let profile = Profile::from_row(row, Utc::now(), state.ad_daily_limit().await?);
-    Ok(Json(profile))
+    let row: Option<ProfileRow> = sqlx::query_as(
+        "select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
+                a.views_today, a.daily_limit, a.views_remaining, a.resets_at,
+                p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
+                p.created_at, p.updated_at
+           from public.update_profile_as_user($1, $2, $3, $4, $5) p
+          cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a",
+    )
+    .bind(&*user.claims)
+    .bind(display_name.is_some())
+    .bind(display_name.flatten())
+    .bind(avatar_url.is_some())
+    .bind(avatar_url.flatten())
+    .fetch_optional(&state.pool)
+    .await?;
+    Ok(Json(row.ok_or(ApiError::ProfileNotFound)?.into()))
 }

@@ -3,14 +3,13 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
 
@@ -84,8 +83,11 @@ impl RateLimiter {
 }
 
 /// The middleware: runs after [`crate::auth::authenticate`], so a verified token is known.
-pub async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let limiter = &state.rate_limiter;
+pub async fn limit(
+    State(limiter): State<Arc<RateLimiter>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let path = request.uri().path();
     if !limiter.enabled() || !path.starts_with("/v1/") || path.starts_with("/v1/webhooks/") {
         return next.run(request).await;

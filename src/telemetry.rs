@@ -4,13 +4,12 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::app::AppState;
 use crate::config::LogFormat;
 
 /// Installs the log subscriber (`RUST_LOG` filters; default `info`).
@@ -113,7 +112,9 @@ fn describe() {
 /// would make one series per user).
 pub async fn track_requests(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
+    // The route template (`/v1/admin/users/{id}`), never the path: every label comes from a
+    // closed set, so no request can add a series.
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -121,11 +122,26 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The methods the API serves by name; anything else (`PROPFIND`, made-up verbs) is `other`.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// Credits added to a balance, for the dashboard.
@@ -140,31 +156,4 @@ pub fn credits_spent(source: &'static str, amount: i64) {
     if amount > 0 {
         metrics::counter!("credits_spent_total", "source" => source).increment(amount as u64);
     }
-}
-
-/// `GET /metrics`
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String))
-)]
-pub async fn metrics_endpoint(State(state): State<AppState>) -> impl IntoResponse {
-    let size = state.pool.size();
-    let idle = state.pool.num_idle() as u32;
-    metrics::gauge!("db_pool_connections", "state" => "idle").set(f64::from(idle));
-    metrics::gauge!("db_pool_connections", "state" => "in_use")
-        .set(f64::from(size.saturating_sub(idle)));
-    metrics::gauge!("db_pool_max_connections")
-        .set(f64::from(state.pool.options().get_max_connections()));
-    if let Err(err) = crate::maintenance::record_last_runs(&state.pool).await {
-        tracing::warn!(error = %err, "could not read the maintenance runs for /metrics");
-    }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        state.metrics.render(),
-    )
 }

@@ -366,6 +366,10 @@ async fn admins_read_the_maintenance_runs(pool: PgPoolOptions, connect: PgConnec
             .status,
         403
     );
+    // The server refreshes these gauges in the background (a scrape never queries).
+    amethyst_credits::operations::refresh_maintenance_gauges(&app.state.pool)
+        .await
+        .unwrap();
     let metrics = app.get("/metrics", None).await;
     let text = metrics.body.as_str().unwrap();
     assert!(

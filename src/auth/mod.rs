@@ -1,4 +1,4 @@
-//! Supabase access tokens (CONTRACT §2): verification and the extractors that are the only
+//! Supabase access tokens (docs/api.md, "Authentication"): verification and the extractors that are the only
 //! place handlers learn who is calling.
 //!
 //! A token is verified once per request by [`authenticate`], a middleware that also feeds the
@@ -8,16 +8,16 @@ pub mod jwks;
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRef, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::config::JwtConfig;
 use crate::error::ApiError;
 use jwks::JwksCache;
@@ -239,14 +239,14 @@ fn bearer_token(headers: &HeaderMap) -> Option<Result<&str, Refusal>> {
 /// Verifies the bearer token, if any, once per request and records the verdict for the
 /// extractors and the rate limiter.
 pub async fn authenticate(
-    State(state): State<AppState>,
+    State(verifier): State<Arc<TokenVerifier>>,
     mut request: Request,
     next: Next,
 ) -> Response {
     let caller = match bearer_token(request.headers()) {
         None => Caller::Nobody,
         Some(Err(why)) => Caller::Refused(why),
-        Some(Ok(token)) => match state.verifier.verify(token).await {
+        Some(Ok(token)) => match verifier.verify(token).await {
             Ok(verified) => Caller::Token(verified),
             Err(why) => Caller::Refused(why),
         },
@@ -309,13 +309,14 @@ impl AdminCaller {
     }
 }
 
-impl FromRequestParts<AppState> for AdminCaller {
+impl<S> FromRequestParts<S> for AdminCaller
+where
+    S: Send + Sync,
+    PgPool: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let token = caller(parts)?;
         match (token.role, token.user_id) {
             (Role::ServiceRole, _) => Ok(AdminCaller::ServiceRole),
@@ -324,7 +325,7 @@ impl FromRequestParts<AppState> for AdminCaller {
                 let is_admin: Option<bool> =
                     sqlx::query_scalar("select is_admin from public.profiles where id = $1")
                         .bind(id)
-                        .fetch_optional(&state.pool)
+                        .fetch_optional(&PgPool::from_ref(state))
                         .await?;
                 if is_admin == Some(true) {
                     Ok(AdminCaller::Admin(id))

@@ -9,13 +9,14 @@ use sqlx::FromRow;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::client::{StripeApiError, StripeClient};
-use crate::app::AppState;
+use super::client::StripeApiError;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::ApiJson;
-use crate::idempotency::{self, IdempotencyKey, Stored};
+use crate::idempotency::{self, Claim, IdempotencyKey};
+use crate::limits;
 use crate::packs::PackKind;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -75,11 +76,8 @@ pub async fn create_session(
     OriginalUri(uri): OriginalUri,
     body: ApiJson<CheckoutRequest>,
 ) -> ApiResult<Response> {
+    let client = state.stripe.as_ref().ok_or(ApiError::StripeNotConfigured)?;
     let stripe = &state.config.stripe;
-    let secret_key = stripe
-        .secret_key
-        .clone()
-        .ok_or(ApiError::StripeNotConfigured)?;
     let request = body.value;
     let mut errors = Vec::new();
     let success_url = redirect(
@@ -190,44 +188,37 @@ pub async fn create_session(
         None => format!("checkout-{}", Uuid::new_v4()),
     };
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
-    let http = state.http.clone();
-    let api_base = stripe.api_base.clone();
-    idempotency::run_external(&state.pool, &user_id, key.as_deref(), hash, || {
-        async move {
-            let client = StripeClient {
-                http: &http,
-                api_base: &api_base,
-                secret_key: &secret_key,
-            };
-            let session = client
-                .create_checkout_session(&form, &stripe_key)
-                .await
-                .map_err(|err| {
-                    // Stripe's own message stays in the log: it can quote the API key's last
-                    // characters or other accounts' ids.
-                    tracing::warn!(error = %err, "creating a Checkout Session failed");
-                    ApiError::Stripe(match err {
-                        StripeApiError::Refused { .. } => {
-                            "Stripe refused to create the checkout session"
-                        }
-                        StripeApiError::Unavailable(_) => {
-                            "Stripe could not be reached; try again shortly"
-                        }
-                    })
-                })?;
-            let url = session
-                .url
-                .ok_or(ApiError::Stripe("Stripe returned a session without a URL"))?;
-            Stored::json(
-                StatusCode::CREATED,
-                &CheckoutSession {
-                    id: session.id,
-                    url,
-                },
-            )
+    let reservation =
+        match idempotency::try_reserving(&state.pool, &user_id, key.as_deref(), &hash).await? {
+            Claim::Replay(answer) => return Ok(answer),
+            Claim::Start(reservation) => reservation,
+        };
+    let created = match client.create_checkout_session(&form, &stripe_key).await {
+        Ok(created) => created,
+        Err(err) => {
+            reservation.release().await?;
+            // Stripe's own message stays in the log: it can quote the API key's last
+            // characters or other accounts' ids.
+            tracing::warn!(error = %err, "creating a Checkout Session failed");
+            return Err(ApiError::Stripe(match err {
+                StripeApiError::Refused { .. } => "Stripe refused to create the checkout session",
+                StripeApiError::Unavailable(_) => "Stripe could not be reached; try again shortly",
+            }));
         }
-    })
-    .await
+    };
+    let Some(url) = created.url else {
+        reservation.release().await?;
+        return Err(ApiError::Stripe("Stripe returned a session without a URL"));
+    };
+    reservation
+        .save(
+            StatusCode::CREATED,
+            &CheckoutSession {
+                id: created.id,
+                url,
+            },
+        )
+        .await
 }
 
 /// The redirect URL to send Stripe: the client's, if it shares the configured URL's origin,
@@ -245,7 +236,7 @@ fn redirect(
         return Ok(configured.to_owned());
     };
     match (origin(&given), origin(configured)) {
-        (Some(a), Some(b)) if a == b && given.len() <= 2048 => Ok(given),
+        (Some(a), Some(b)) if a == b && given.chars().count() <= limits::URL_CHARS => Ok(given),
         _ => {
             errors.push(FieldError::new(
                 field,

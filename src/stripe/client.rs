@@ -42,13 +42,28 @@ struct ErrorDetail {
     code: Option<String>,
 }
 
-pub struct StripeClient<'a> {
-    pub http: &'a reqwest::Client,
-    pub api_base: &'a str,
-    pub secret_key: &'a Secret,
+/// Stripe's API, with the account's secret key. One per process, in the shared state.
+pub struct StripeClient {
+    http: reqwest::Client,
+    api_base: String,
+    secret_key: Secret,
 }
 
-impl StripeClient<'_> {
+impl StripeClient {
+    pub fn new(http: reqwest::Client, api_base: &str, secret_key: Secret) -> Self {
+        Self {
+            http,
+            api_base: api_base.to_owned(),
+            secret_key,
+        }
+    }
+
+    /// Whether the key is a live-mode key (`sk_live_…`, `rk_live_…`): events must match it.
+    pub fn livemode(&self) -> bool {
+        let key = self.secret_key.expose();
+        key.starts_with("sk_live_") || key.starts_with("rk_live_")
+    }
+
     /// POST /v1/checkout/sessions with `form` (already in Stripe's bracket notation).
     pub async fn create_checkout_session(
         &self,

@@ -1,0 +1,81 @@
+//! The state every handler shares: the pool, the configuration, the token verifier, the rate
+//! limiter, the Stripe client and the metrics recorder. It sits below every feature module and
+//! knows none of them; the router above hands it to each.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::FromRef;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+
+use crate::auth::TokenVerifier;
+use crate::config::Config;
+use crate::rate_limit::RateLimiter;
+use crate::stripe::client::StripeClient;
+use crate::telemetry;
+
+/// Everything a handler may need. One `Arc` inside: every layer and extractor clones the
+/// state per request, and one atomic count is cheaper than one per field.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+/// The contents of [`AppState`], reached through `Deref`.
+pub struct Shared {
+    pub pool: PgPool,
+    pub config: Config,
+    pub verifier: Arc<TokenVerifier>,
+    pub rate_limiter: Arc<RateLimiter>,
+    /// Present when `STRIPE_SECRET_KEY` is set.
+    pub stripe: Option<StripeClient>,
+    pub metrics: PrometheusHandle,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// `pool` should come from [`crate::db::connect`], whose connections act as `service_role`.
+    pub fn new(config: Config, pool: PgPool) -> Self {
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(20))
+            .user_agent(concat!("amethyst-credits/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("the HTTP client builds with static settings");
+        let stripe = config
+            .stripe
+            .secret_key
+            .clone()
+            .map(|key| StripeClient::new(http.clone(), &config.stripe.api_base, key));
+        AppState(Arc::new(Shared {
+            verifier: Arc::new(TokenVerifier::new(&config.jwt, http)),
+            rate_limiter: Arc::new(RateLimiter::new(
+                config.rate_limit_per_minute,
+                config.rate_limit_burst,
+            )),
+            stripe,
+            config,
+            pool,
+            metrics: telemetry::metrics_handle(),
+        }))
+    }
+}
+
+/// Extractors that only need the pool (the admin check) take it from any state that has one.
+impl FromRef<AppState> for PgPool {
+    fn from_ref(state: &AppState) -> PgPool {
+        state.pool.clone()
+    }
+}
+
+/// TLS for outgoing requests (JWKS, Stripe) uses rustls with ring.
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

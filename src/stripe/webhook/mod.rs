@@ -1,0 +1,340 @@
+//! `POST /v1/webhooks/stripe`: signed events from Stripe, each handled exactly once.
+//!
+//! The signature is checked on the raw bytes first. The event is then claimed by inserting its
+//! id into `stripe_events`, and handled in the same database transaction, so a redelivery —
+//! sequential or concurrent — finds the id and answers `duplicate: true`. Credits are granted
+//! through `stripe_grant`, unique per Stripe object, so the two events that can announce one
+//! payment (`checkout.session.completed`, `…async_payment_succeeded`) grant once between them.
+//!
+//! A handler failure that a retry may cure (an unknown user, a database error) is recorded as
+//! `failed` and answered with a 503 so that Stripe retries; a malformed object is recorded as
+//! `rejected` and answered with a 200 so that it is not retried for days.
+//!
+//! This module receives, verifies, claims and dispatches; each family of events is handled in
+//! a module of its own: [`purchases`] (Checkout), [`refunds`] (refunds and disputes) and
+//! [`subscriptions`] (subscriptions and their invoices).
+
+mod purchases;
+mod refunds;
+mod subscriptions;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::StatusCode;
+use chrono::Utc;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{Acquire, PgConnection};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::signature::{self, SignatureError};
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::limits;
+use crate::state::AppState;
+
+/// Largest webhook body.
+pub const WEBHOOK_BODY_LIMIT_BYTES: usize = limits::WEBHOOK_BODY_BYTES;
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WebhookReceipt {
+    pub received: bool,
+    /// True when this event id was handled before; nothing was done again.
+    pub duplicate: bool,
+}
+
+/// Receives a Stripe event.
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks/stripe",
+    tag = "stripe",
+    params(("Stripe-Signature" = String, Header, description = "t=<unix time>,v1=<hex HMAC-SHA256>")),
+    request_body(content = Object, description = "A Stripe event", content_type = "application/json"),
+    responses(
+        (status = 200, body = WebhookReceipt),
+        (status = 400, description = "Bad signature (`invalid_signature`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Handling failed or the service is not configured; Stripe will retry", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn receive(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<Json<WebhookReceipt>> {
+    let secrets = &state.config.stripe.webhook_secrets;
+    if secrets.is_empty() {
+        return Err(ApiError::StripeNotConfigured);
+    }
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit_bytes: WEBHOOK_BODY_LIMIT_BYTES,
+            }
+        } else {
+            ApiError::field("body", "the request body could not be read")
+        }
+    })?;
+    let header = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    if let Err(why) = signature::verify(header, &body, secrets, Utc::now().timestamp()) {
+        let reason = match why {
+            SignatureError::Missing => "missing",
+            SignatureError::Malformed => "malformed",
+            SignatureError::OutsideTolerance => "outside_tolerance",
+            SignatureError::NoMatch => "no_match",
+        };
+        metrics::counter!("stripe_webhook_signature_failures_total", "reason" => reason)
+            .increment(1);
+        tracing::warn!(reason, "refused a webhook with a bad signature");
+        return Err(ApiError::InvalidSignature);
+    }
+
+    let event: Event = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::field("body", format!("not a Stripe event: {e}")))?;
+    let payload: Value = serde_json::from_slice(&body).map_err(|e| ApiError::Internal(e.into()))?;
+    if !(1..=limits::STRIPE_ID_CHARS).contains(&event.id.len())
+        || !(1..=limits::STRIPE_ID_CHARS).contains(&event.kind.len())
+    {
+        return Err(ApiError::field(
+            "body",
+            "not a Stripe event: id and type must be 1 to 255 characters",
+        ));
+    }
+
+    // Anything to ask Stripe is asked before the transaction opens: no row lock or pooled
+    // connection is held while Stripe answers.
+    let lookups = Lookups::gather(&state, &event).await;
+
+    let mut tx = state.pool.begin().await?;
+    // Claim the event: a new id, or one whose earlier handling failed. A concurrent delivery
+    // waits here on the primary key until this transaction ends.
+    let claimed: Option<i32> = sqlx::query_scalar(
+        "insert into public.stripe_events (id, type, api_version, livemode, stripe_created_at, status, payload)
+         values ($1, $2, $3, $4, to_timestamp($5), 'processing', $6)
+         on conflict (id) do update
+            set status = 'processing', attempts = public.stripe_events.attempts + 1, error = null,
+                payload = excluded.payload
+          where public.stripe_events.status = 'failed'
+         returning 1",
+    )
+    .bind(&event.id)
+    .bind(&event.kind)
+    .bind(&event.api_version)
+    .bind(event.livemode)
+    .bind(event.created.map(|c| c as f64))
+    .bind(&payload)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if claimed.is_none() {
+        tx.rollback().await?;
+        record(&event.kind, "duplicate");
+        return Ok(Json(WebhookReceipt {
+            received: true,
+            duplicate: true,
+        }));
+    }
+
+    // The handler runs inside a savepoint: whatever it did is undone if it fails, while the
+    // outcome is still recorded on the event row.
+    let outcome = {
+        let mut savepoint = (&mut *tx).begin().await?;
+        let outcome = dispatch(&mut savepoint, &event, &lookups).await;
+        if outcome.is_ok() {
+            savepoint.commit().await?;
+        } else {
+            savepoint.rollback().await?;
+        }
+        outcome
+    };
+    let (status, error) = match &outcome {
+        Ok(Handled::Processed) => ("processed", None),
+        Ok(Handled::Ignored) => ("ignored", None),
+        Err(Failure::Permanent(why)) => ("rejected", Some(why.clone())),
+        Err(Failure::Retry(why)) => ("failed", Some(why.clone())),
+    };
+    sqlx::query(
+        "update public.stripe_events set status = $2, error = $3,
+                processed_at = case when $2 in ('processed', 'ignored') then now() end
+          where id = $1",
+    )
+    .bind(&event.id)
+    .bind(status)
+    .bind(&error)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    record(&event.kind, status);
+
+    match outcome {
+        Ok(_) => Ok(Json(WebhookReceipt {
+            received: true,
+            duplicate: false,
+        })),
+        Err(Failure::Permanent(why)) => {
+            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "rejected a malformed Stripe event");
+            Ok(Json(WebhookReceipt {
+                received: true,
+                duplicate: false,
+            }))
+        }
+        Err(Failure::Retry(why)) => {
+            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "handling a Stripe event failed; Stripe will retry");
+            Err(ApiError::Unavailable("the event could not be handled yet"))
+        }
+    }
+}
+
+/// What Stripe's API is asked about an event before its transaction opens, so that no row lock
+/// or pooled connection is held while Stripe answers.
+struct Lookups {
+    /// For `invoice.paid`: the payment that paid the invoice.
+    invoice_payment: Option<subscriptions::PaymentLink>,
+}
+
+impl Lookups {
+    async fn gather(state: &AppState, event: &Event) -> Self {
+        Lookups {
+            invoice_payment: subscriptions::look_up_payment(state.stripe.as_ref(), event).await,
+        }
+    }
+}
+
+/// The event types this service acts on; metrics label any other as `other`, so a label's
+/// values come from a closed set.
+const HANDLED_TYPES: &[&str] = &[
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "checkout.session.async_payment_failed",
+    "charge.refunded",
+    "charge.dispute.created",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "invoice.paid",
+];
+
+fn record(kind: &str, outcome: &'static str) {
+    let kind = HANDLED_TYPES
+        .iter()
+        .find(|t| **t == kind)
+        .copied()
+        .unwrap_or("other");
+    metrics::counter!("stripe_webhook_events_total", "type" => kind, "outcome" => outcome)
+        .increment(1);
+}
+
+#[derive(Debug, Deserialize)]
+struct Event {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    created: Option<i64>,
+    api_version: Option<String>,
+    #[serde(default)]
+    livemode: bool,
+    data: EventData,
+}
+
+#[derive(Debug, Deserialize)]
+struct EventData {
+    object: Value,
+}
+
+enum Handled {
+    Processed,
+    Ignored,
+}
+
+enum Failure {
+    /// Malformed: retrying cannot help.
+    Permanent(String),
+    /// Might work later (unknown user, database trouble): Stripe should retry.
+    Retry(String),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(err: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &err
+            && db.code().as_deref() == Some("AC404")
+        {
+            return Failure::Retry("no profile exists for the user this payment is for".to_owned());
+        }
+        Failure::Retry(format!("database error: {err}"))
+    }
+}
+
+type Outcome = Result<Handled, Failure>;
+
+fn object<T: DeserializeOwned>(event: &Event) -> Result<T, Failure> {
+    serde_json::from_value(event.data.object.clone())
+        .map_err(|e| Failure::Permanent(format!("malformed {} object: {e}", event.kind)))
+}
+
+/// Hands the event to its family's handler.
+async fn dispatch(conn: &mut PgConnection, event: &Event, lookups: &Lookups) -> Outcome {
+    match event.kind.as_str() {
+        "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+            purchases::checkout_paid(conn, event, object(event)?).await
+        }
+        "checkout.session.async_payment_failed" => purchases::checkout_failed(object(event)?),
+        "charge.refunded" => refunds::charge_refunded(conn, object(event)?).await,
+        "charge.dispute.created" => refunds::dispute_created(conn, object(event)?).await,
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted" => {
+            subscriptions::subscription_changed(conn, event, object(event)?).await
+        }
+        "invoice.paid" => {
+            subscriptions::invoice_paid(conn, event, object(event)?, &lookups.invoice_payment).await
+        }
+        _ => Ok(Handled::Ignored),
+    }
+}
+
+/// An id field that Stripe may send as a string or, when expanded, as an object with `id`.
+fn id_of(value: &Option<Value>) -> Option<String> {
+    match value {
+        Some(Value::String(id)) if !id.is_empty() => Some(id.clone()),
+        Some(Value::Object(map)) => map.get("id").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+fn user_from(text: Option<&String>) -> Option<Uuid> {
+    text.and_then(|t| Uuid::parse_str(t).ok())
+}
+
+/// Links the Stripe customer to the user, unless another profile holds it already.
+async fn remember_customer(
+    conn: &mut PgConnection,
+    user: Uuid,
+    customer: &str,
+) -> Result<(), Failure> {
+    sqlx::query(
+        "update public.profiles p set stripe_customer_id = $2
+          where p.id = $1 and p.stripe_customer_id is distinct from $2
+            and not exists (select 1 from public.profiles o where o.stripe_customer_id = $2)",
+    )
+    .bind(user)
+    .bind(customer)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A Stripe amount (smallest currency unit) as the tables hold it.
+fn clamp(amount: i64) -> i32 {
+    amount.clamp(0, i64::from(i32::MAX)) as i32
+}
+
+/// A list as Stripe embeds it in objects (`{"object": "list", "data": [...]}`).
+#[derive(Debug, Deserialize)]
+struct StripeList<T> {
+    #[serde(default = "Vec::new")]
+    data: Vec<T>,
+}
