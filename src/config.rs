@@ -36,7 +36,7 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// How tokens are checked (CONTRACT §2).
+/// How tokens are checked (docs/api.md, "Tokens the service accepts").
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
     pub secret: Option<Secret>,

@@ -1,4 +1,4 @@
-//! Connections and migrations. Pooled connections act as `service_role` (CONTRACT §2); user
+//! Connections and migrations. Pooled connections act as `service_role` (docs/api.md, "Authentication"); user
 //! reads go through the `*_as_user` functions, which switch to `authenticated` with the
 //! token's claims for the duration of the call, so `auth.uid()` and RLS decide what is visible.
 

@@ -34,7 +34,7 @@ pub struct Problem {
     pub title: String,
     pub status: u16,
     pub detail: String,
-    /// Stable machine-readable code (CONTRACT §3).
+    /// Stable machine-readable code (docs/api.md, "Error codes").
     pub code: String,
     /// Present on `validation_failed`.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,4 +1,4 @@
-//! Request extractors whose rejections answer in the contract's problem shape, and the
+//! Request extractors whose rejections answer in the API's problem shape, and the
 //! pagination types shared by every list.
 
 use axum::body::Bytes;

@@ -1,4 +1,4 @@
-//! Maintenance (source document, "Maintenance"): the daily, weekly and monthly tasks. The work
+//! Maintenance (README, "Operations"): the daily, weekly and monthly tasks. The work
 //! itself is `public.run_maintenance` (see the maintenance migration), which pg_cron also
 //! calls; this module runs it from the CLI and shows its runs to admins.
 

@@ -1,4 +1,4 @@
-//! Per-caller rate limiting (CONTRACT §4): a token bucket per user, or per client IP for
+//! Per-caller rate limiting (docs/api.md, "Rate limits"): a token bucket per user, or per client IP for
 //! requests without a valid token. Stripe webhooks are never limited.
 
 use std::collections::HashMap;

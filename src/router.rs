@@ -27,7 +27,7 @@ use crate::{
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The routes of the contract and their OpenAPI document.
+/// The routes of the API (docs/api.md, "Routes") and their OpenAPI document.
 pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (api_router, api) = OpenApiRouter::with_openapi(openapi::base())
         .merge(profiles::router())
@@ -113,7 +113,7 @@ async fn run_to_completion(request: Request, next: Next) -> Response {
     }
 }
 
-/// Requests time out (CONTRACT §4) with a problem answer rather than a dropped connection.
+/// Requests time out (docs/api.md, "Request timeout") with a problem answer rather than a dropped connection.
 async fn time_limit(limit: Duration, request: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,

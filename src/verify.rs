@@ -1,6 +1,6 @@
-//! `verify`: the source document's post-migration checks (functions, triggers, RLS on every
+//! `verify`: the post-migration checks (functions, triggers, RLS on every
 //! public table), the privileges that keep balances out of users' reach, and the ledger
-//! invariant of CONTRACT §5, naming every user it does not hold for.
+//! invariant (docs/api.md, "The ledger"), naming every user it does not hold for.
 
 use std::fmt;
 
@@ -57,7 +57,7 @@ impl fmt::Display for Report {
     }
 }
 
-/// Functions the service and the source document rely on.
+/// Functions the service and the schema's design rely on (README, "Design").
 const REQUIRED_FUNCTIONS: &[&str] = &[
     "is_admin",
     "add_credits",
@@ -87,7 +87,7 @@ const PRIVILEGED_FUNCTIONS: &[&str] = &[
 pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
     let mut report = Report::default();
 
-    // Seed §"Vérification des Fonctions", plus how they are declared.
+    // The rule functions exist, plus how they are declared.
     let functions: Vec<(String, bool, bool)> = sqlx::query_as(
         "select p.proname::text, p.prosecdef,
                 coalesce('search_path=\"\"' = any (p.proconfig), false)
@@ -135,7 +135,7 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
             .collect(),
     );
 
-    // Seed §"Vérification des Triggers" and §"Erreur de création de profil".
+    // The sign-up trigger exists and is enabled, and no user is left without a profile.
     let trigger: Option<String> = sqlx::query_scalar(
         "select tgenabled::text from pg_trigger
           where tgname = 'on_auth_user_created' and tgrelid = 'auth.users'::regclass and not tgisinternal",
@@ -166,7 +166,7 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
             .collect(),
     );
 
-    // Seed §"Vérification RLS".
+    // Row level security on every table.
     let without_rls: Vec<String> = sqlx::query_scalar(
         "select tablename::text from pg_tables where schemaname = 'public' and not rowsecurity order by 1",
     )
@@ -204,7 +204,7 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
             .collect(),
     );
 
-    // CONTRACT §5: credits = sum(amount) = newest balance_after, for every profile, archived
+    // The ledger (docs/api.md, "The ledger"): credits = sum(amount) = newest balance_after, for every profile, archived
     // transactions included (the same check as the daily maintenance).
     let broken: Vec<(Uuid, i32, i64, Option<i32>)> = sqlx::query_as(
         "select user_id, credits, ledger_total, newest_balance_after

@@ -1,4 +1,4 @@
-//! The token matrix of CONTRACT §2, with a local JWKS server publishing the project's key.
+//! The token matrix of docs/api.md ("Authentication"), with a local JWKS server publishing the project's key.
 
 mod common;
 

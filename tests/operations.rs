@@ -465,3 +465,17 @@ async fn clients_that_hang_up_leave_no_transaction_open(
         .expect("the user's row is not locked by an abandoned transaction");
     assert_eq!(spend.status(), 201);
 }
+
+#[test]
+fn the_committed_openapi_document_is_the_one_the_service_serves() {
+    let served = amethyst_credits::router::openapi()
+        .to_pretty_json()
+        .expect("the document serializes");
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"))
+            .expect("docs/openapi.json exists");
+    assert!(
+        committed.trim_end() == served.trim_end(),
+        "docs/openapi.json is stale: regenerate it with `cargo run -q -- openapi > docs/openapi.json`"
+    );
+}

@@ -1,4 +1,4 @@
-//! Bad input on every route answers the contract's 4xx, never a 5xx, and changes nothing.
+//! Bad input on every route answers a documented 4xx, never a 5xx, and changes nothing.
 
 mod common;
 
