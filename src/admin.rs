@@ -9,7 +9,6 @@ use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
-use sqlx::FromRow;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -88,22 +87,24 @@ pub async fn search_users(
     // The cursor holds the last row's (created_at, id).
     let after = page.cursor.as_deref().map(parse_time_id).transpose()?;
     let pattern = email.map(|e| format!("%{}%", escape_like(&e)));
-    let rows: Vec<ProfileRow> = sqlx::query_as(
-        "select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
-                a.views_today, a.daily_limit, a.views_remaining, a.resets_at,
-                p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
-                p.created_at, p.updated_at
-           from public.profiles p
-          cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
-          where ($1::text is null or lower(p.email) like $1 escape '\\')
-            and ($2::timestamptz is null or (p.created_at, p.id) < ($2, $3))
-          order by p.created_at desc, p.id desc
-          limit $4",
+    let rows = sqlx::query_as!(
+        ProfileRow,
+        r#"select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
+                  a.views_today as "views_today!", a.daily_limit as "daily_limit!",
+                  a.views_remaining as "views_remaining!", a.resets_at as "resets_at!",
+                  p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
+                  p.created_at, p.updated_at
+             from public.profiles p
+            cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
+            where ($1::text is null or lower(p.email) like $1 escape '\')
+              and ($2::timestamptz is null or (p.created_at, p.id) < ($2, $3))
+            order by p.created_at desc, p.id desc
+            limit $4"#,
+        pattern,
+        after.map(|a| a.0),
+        after.map(|a| a.1),
+        page.limit + 1,
     )
-    .bind(pattern)
-    .bind(after.map(|a| a.0))
-    .bind(after.map(|a| a.1))
-    .bind(page.limit + 1)
     .fetch_all(&state.pool)
     .await?;
     let profiles: Vec<Profile> = rows.into_iter().map(Profile::from).collect();
@@ -170,11 +171,12 @@ pub async fn user_transactions(
     let page = params.check()?;
     let list = credits::history(&state.pool, id, &page).await?;
     if list.items.is_empty() {
-        let exists: bool =
-            sqlx::query_scalar("select exists (select 1 from public.profiles where id = $1)")
-                .bind(id)
-                .fetch_one(&state.pool)
-                .await?;
+        let exists = sqlx::query_scalar!(
+            r#"select exists (select 1 from public.profiles where id = $1) as "exists!""#,
+            id
+        )
+        .fetch_one(&state.pool)
+        .await?;
         if !exists {
             return Err(ApiError::ProfileNotFound);
         }
@@ -244,14 +246,19 @@ pub async fn adjust_credits(
             Claim::Replay(answer) => return Ok(answer),
             Claim::Start(work) => work,
         };
-    let transaction: Transaction =
-        sqlx::query_as("select * from public.add_credits($1, $2, 'admin', $3, $4)")
-            .bind(id)
-            .bind(request.amount as i32)
-            .bind(&reason)
-            .bind(&owner)
-            .fetch_one(work.conn())
-            .await?;
+    let transaction = sqlx::query_as!(
+        Transaction,
+        r#"select id as "id!", amount as "amount!", balance_after as "balance_after!",
+                  source as "source!", description, reference, created_at as "created_at!",
+                  seq as "seq!"
+             from public.add_credits($1, $2, 'admin', $3, $4)"#,
+        id,
+        request.amount as i32,
+        reason.as_deref(),
+        &owner,
+    )
+    .fetch_one(work.conn())
+    .await?;
     let balance = transaction.balance_after;
     let answer = work
         .save(
@@ -298,7 +305,6 @@ pub struct Stats {
     pub days: Vec<DayStats>,
 }
 
-#[derive(FromRow)]
 struct StatsRow {
     day: NaiveDate,
     source: Option<String>,
@@ -343,8 +349,9 @@ pub async fn stats(
     };
     // One row per (day, source) of ledger totals, plus one row per day (source null) of ad
     // totals; every day of the range appears even when nothing happened.
-    let rows: Vec<StatsRow> = sqlx::query_as(
-        "with bounds as (
+    let rows = sqlx::query_as!(
+        StatsRow,
+        r#"with bounds as (
            select (now() at time zone 'utc')::date - ($1 - 1) as first_day
          ),
          ledger as (
@@ -362,16 +369,17 @@ pub async fn stats(
             where v.viewed_on >= b.first_day
             group by 1
          )
-         select d.day::date as day, null::text as source, 0::bigint as granted, 0::bigint as taken,
-                coalesce(a.ad_views, 0) as ad_views, coalesce(a.ad_credits, 0) as ad_credits
+         select d.day::date as "day!", null::text as source, 0::bigint as "granted!",
+                0::bigint as "taken!", coalesce(a.ad_views, 0) as "ad_views!",
+                coalesce(a.ad_credits, 0) as "ad_credits!"
            from bounds b,
                 generate_series(b.first_day, (now() at time zone 'utc')::date, interval '1 day') as d(day)
            left join ads a on a.day = d.day::date
          union all
          select l.day, l.source, l.granted, l.taken, 0, 0 from ledger l
-         order by 1, 2 nulls first",
+         order by 1, 2 nulls first"#,
+        days,
     )
-    .bind(days)
     .fetch_all(&state.pool)
     .await?;
 

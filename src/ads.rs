@@ -7,7 +7,6 @@ use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::FromRow;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -37,7 +36,7 @@ pub struct AdViewRequest {
     pub provider: Option<String>,
 }
 
-#[derive(Debug, FromRow)]
+#[derive(Debug)]
 struct AdViewRow {
     view_id: Uuid,
     credits_awarded: i32,
@@ -137,15 +136,18 @@ async fn record(
             Claim::Start(work) => work,
         };
     // The day, the count and the reset time are the database's (public.ad_allowance).
-    let row: AdViewRow = sqlx::query_as(
-        "select v.view_id, v.credits_awarded, v.balance, a.views_today, a.views_remaining, a.resets_at
-           from public.handle_ad_view($1, $2, $3, $4) v
-          cross join lateral public.ad_allowance((now() at time zone 'utc')::date, v.views_today) a",
+    let row = sqlx::query_as!(
+        AdViewRow,
+        r#"select v.view_id as "view_id!", v.credits_awarded as "credits_awarded!",
+                  v.balance as "balance!", a.views_today as "views_today!",
+                  a.views_remaining as "views_remaining!", a.resets_at as "resets_at!"
+             from public.handle_ad_view($1, $2, $3, $4) v
+            cross join lateral public.ad_allowance((now() at time zone 'utc')::date, v.views_today) a"#,
+        user.id,
+        request.duration_seconds as i32,
+        request.ad_unit_id.as_deref(),
+        request.provider.as_deref(),
     )
-    .bind(user.id)
-    .bind(request.duration_seconds as i32)
-    .bind(&request.ad_unit_id)
-    .bind(&request.provider)
     .fetch_one(work.conn())
     .await?;
     let answer = work

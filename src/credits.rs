@@ -7,7 +7,6 @@ use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::FromRow;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -28,7 +27,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// One change to a balance.
-#[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Transaction {
     pub id: Uuid,
     /// Positive for credits added, negative for credits taken.
@@ -59,15 +58,17 @@ pub async fn history(
     user_id: Uuid,
     page: &Page,
 ) -> ApiResult<List<Transaction>> {
-    let rows: Vec<Transaction> = sqlx::query_as(
-        "select * from public.credit_transactions
+    let rows = sqlx::query_as!(
+        Transaction,
+        "select id, amount, balance_after, source, description, reference, created_at, seq
+           from public.credit_transactions
           where user_id = $1 and ($2::bigint is null or seq < $2)
           order by seq desc
           limit $3",
+        user_id,
+        before(page)?,
+        page.limit + 1,
     )
-    .bind(user_id)
-    .bind(before(page)?)
-    .bind(page.limit + 1)
     .fetch_all(pool)
     .await?;
     Ok(List::from_rows(rows, page.limit, |t| t.seq.to_string()))
@@ -93,13 +94,18 @@ pub async fn my_transactions(
 ) -> ApiResult<Json<List<Transaction>>> {
     let page = params.check()?;
     // One round trip, as the user under RLS (see the user reads migration).
-    let rows: Vec<Transaction> =
-        sqlx::query_as("select * from public.transactions_as_user($1, $2, $3)")
-            .bind(&*user.claims)
-            .bind(before(&page)?)
-            .bind((page.limit + 1) as i32)
-            .fetch_all(&state.pool)
-            .await?;
+    let rows = sqlx::query_as!(
+        Transaction,
+        r#"select id as "id!", amount as "amount!", balance_after as "balance_after!",
+                  source as "source!", description, reference, created_at as "created_at!",
+                  seq as "seq!"
+             from public.transactions_as_user($1, $2, $3)"#,
+        &*user.claims,
+        before(&page)?,
+        (page.limit + 1) as i32,
+    )
+    .fetch_all(&state.pool)
+    .await?;
     let list = List::from_rows(rows, page.limit, |t| t.seq.to_string());
     Ok(Json(list))
 }
@@ -177,14 +183,19 @@ pub async fn spend(
             Claim::Replay(answer) => return Ok(answer),
             Claim::Start(work) => work,
         };
-    let transaction: Transaction =
-        sqlx::query_as("select * from public.spend_credits($1, $2, $3, $4)")
-            .bind(user.id)
-            .bind(request.amount as i32)
-            .bind(&request.description)
-            .bind(&request.reference)
-            .fetch_one(work.conn())
-            .await?;
+    let transaction = sqlx::query_as!(
+        Transaction,
+        r#"select id as "id!", amount as "amount!", balance_after as "balance_after!",
+                  source as "source!", description, reference, created_at as "created_at!",
+                  seq as "seq!"
+             from public.spend_credits($1, $2, $3, $4)"#,
+        user.id,
+        request.amount as i32,
+        request.description.as_deref(),
+        request.reference.as_deref(),
+    )
+    .fetch_one(work.conn())
+    .await?;
     let balance = transaction.balance_after;
     let answer = work
         .save(

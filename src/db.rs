@@ -26,11 +26,12 @@ pub async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
     let mut admin = PgConnection::connect_with(&options.clone().database("postgres"))
         .await
         .context("could not connect to PostgreSQL (database postgres) to create the database")?;
-    let exists: bool =
-        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut admin)
-            .await?;
+    let exists = sqlx::query_scalar!(
+        r#"select exists (select 1 from pg_database where datname = $1) as "exists!""#,
+        &name
+    )
+    .fetch_one(&mut admin)
+    .await?;
     if !exists {
         let statement = format!("create database \"{}\"", name.replace('"', "\"\""));
         match admin.execute(statement.as_str()).await {
@@ -56,8 +57,8 @@ pub async fn migrate(options: &PgConnectOptions) -> anyhow::Result<()> {
 /// Whether every embedded migration has been applied successfully.
 pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
     let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-    let applied: Option<i64> =
-        sqlx::query_scalar("select max(version) from public._sqlx_migrations where success")
+    let applied =
+        sqlx::query_scalar!("select max(version) from public._sqlx_migrations where success")
             .fetch_one(pool)
             .await?;
     Ok(applied == Some(latest))

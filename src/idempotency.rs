@@ -186,11 +186,12 @@ impl Reservation {
     /// The work failed: a retry with this key runs afresh.
     pub async fn release(self) -> ApiResult<()> {
         if let Some((owner, key)) = &self.record {
-            sqlx::query(
-                "delete from public.idempotency_keys where owner = $1 and key = $2 and status_code is null",
+            sqlx::query!(
+                "delete from public.idempotency_keys
+                  where owner = $1 and key = $2 and status_code is null",
+                owner,
+                key
             )
-            .bind(owner)
-            .bind(key)
             .execute(&self.pool)
             .await?;
         }
@@ -245,7 +246,7 @@ async fn claim<'e>(
     key: &str,
     request_hash: &[u8],
 ) -> Result<bool, sqlx::Error> {
-    let claimed: Option<i32> = sqlx::query_scalar(
+    let claimed = sqlx::query_scalar!(
         "insert into public.idempotency_keys (owner, key, request_hash)
          values ($1, $2, $3)
          on conflict (owner, key) do update
@@ -254,11 +255,11 @@ async fn claim<'e>(
           where public.idempotency_keys.created_at < now() - public.idempotency_window()
              or (public.idempotency_keys.status_code is null
                  and public.idempotency_keys.created_at < now() - interval '60 seconds')
-         returning 1",
+         returning 1 as claimed",
+        owner,
+        key,
+        request_hash
     )
-    .bind(owner)
-    .bind(key)
-    .bind(request_hash)
     .fetch_optional(executor)
     .await?;
     Ok(claimed.is_some())
@@ -271,13 +272,16 @@ async fn store<'e>(
     key: &str,
     stored: &Stored,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("update public.idempotency_keys set status_code = $3, response_body = $4 where owner = $1 and key = $2")
-        .bind(owner)
-        .bind(key)
-        .bind(stored.status.as_u16() as i16)
-        .bind(&stored.body)
-        .execute(executor)
-        .await?;
+    sqlx::query!(
+        "update public.idempotency_keys set status_code = $3, response_body = $4
+          where owner = $1 and key = $2",
+        owner,
+        key,
+        stored.status.as_u16() as i16,
+        &stored.body
+    )
+    .execute(executor)
+    .await?;
     Ok(())
 }
 
@@ -290,7 +294,6 @@ enum Lookup {
     Answer(Response),
 }
 
-#[derive(sqlx::FromRow)]
 struct Record {
     request_hash: Vec<u8>,
     status_code: Option<i16>,
@@ -299,12 +302,13 @@ struct Record {
 
 /// What is stored under (owner, key); a different request under the key is refused.
 async fn lookup(pool: &PgPool, owner: &str, key: &str, request_hash: &[u8]) -> ApiResult<Lookup> {
-    let record: Option<Record> = sqlx::query_as(
+    let record = sqlx::query_as!(
+        Record,
         "select request_hash, status_code, response_body
            from public.idempotency_keys where owner = $1 and key = $2",
+        owner,
+        key
     )
-    .bind(owner)
-    .bind(key)
     .fetch_optional(pool)
     .await?;
     match record {

@@ -6,7 +6,6 @@ use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::FromRow;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -23,7 +22,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_image))
 }
 
-#[derive(Debug, Serialize, Deserialize, FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Image {
     pub id: Uuid,
     /// `generated` or `reference`.
@@ -67,13 +66,19 @@ pub async fn list_images(
     let page = params.check()?;
     let after = page.cursor.as_deref().map(parse_time_id).transpose()?;
     // One round trip, as the user under RLS (see the user reads migration).
-    let rows: Vec<Image> = sqlx::query_as("select * from public.images_as_user($1, $2, $3, $4)")
-        .bind(&*user.claims)
-        .bind(after.map(|a| a.0))
-        .bind(after.map(|a| a.1))
-        .bind((page.limit + 1) as i32)
-        .fetch_all(&state.pool)
-        .await?;
+    let rows = sqlx::query_as!(
+        Image,
+        r#"select id as "id!", kind as "kind!", storage_bucket as "storage_bucket!",
+                  storage_path as "storage_path!", prompt, model, width, height, mime_type,
+                  metadata as "metadata!", analysis, transaction_id, created_at as "created_at!"
+             from public.images_as_user($1, $2, $3, $4)"#,
+        &*user.claims,
+        after.map(|a| a.0),
+        after.map(|a| a.1),
+        (page.limit + 1) as i32,
+    )
+    .fetch_all(&state.pool)
+    .await?;
     Ok(Json(List::from_rows(rows, page.limit, |i| {
         time_id_position(&i.created_at, &i.id)
     })))
@@ -98,10 +103,16 @@ pub async fn get_image(
     user: AuthUser,
     IdPath(id): IdPath,
 ) -> ApiResult<Json<Image>> {
-    let image: Option<Image> = sqlx::query_as("select * from public.image_as_user($1, $2)")
-        .bind(&*user.claims)
-        .bind(id)
-        .fetch_optional(&state.pool)
-        .await?;
+    let image = sqlx::query_as!(
+        Image,
+        r#"select id as "id!", kind as "kind!", storage_bucket as "storage_bucket!",
+                  storage_path as "storage_path!", prompt, model, width, height, mime_type,
+                  metadata as "metadata!", analysis, transaction_id, created_at as "created_at!"
+             from public.image_as_user($1, $2)"#,
+        &*user.claims,
+        id,
+    )
+    .fetch_optional(&state.pool)
+    .await?;
     image.map(Json).ok_or(ApiError::NotFound("image"))
 }

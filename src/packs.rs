@@ -5,7 +5,6 @@ use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::FromRow;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -32,7 +31,7 @@ pub enum PackKind {
 }
 
 /// A pack as the catalogue shows it.
-#[derive(Debug, Serialize, Deserialize, FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreditPack {
     pub id: Uuid,
     pub name: String,
@@ -45,7 +44,7 @@ pub struct CreditPack {
 }
 
 /// A pack as admins manage it.
-#[derive(Debug, Serialize, Deserialize, FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AdminCreditPack {
     pub id: Uuid,
     pub name: String,
@@ -67,10 +66,11 @@ pub struct AdminCreditPack {
     responses((status = 200, body = List<CreditPack>))
 )]
 pub async fn list_packs(State(state): State<AppState>) -> ApiResult<Json<List<CreditPack>>> {
-    let items: Vec<CreditPack> = sqlx::query_as(
-        "select id, name, credits, kind, unit_amount, currency
-           from public.credit_packs where active
-          order by unit_amount, credits, id",
+    let items = sqlx::query_as!(
+        CreditPack,
+        r#"select id, name, credits, kind as "kind: PackKind", unit_amount, currency
+             from public.credit_packs where active
+            order by unit_amount, credits, id"#
     )
     .fetch_all(&state.pool)
     .await?;
@@ -175,23 +175,26 @@ pub async fn put_pack(
         return Err(ApiError::Validation(errors));
     }
 
-    let result = sqlx::query_as::<_, AdminCreditPack>(
-        "insert into public.credit_packs (id, name, credits, kind, stripe_price_id, unit_amount, currency, active)
-         values ($1, $2, $3, $4, $5, $6, $7, $8)
-         on conflict (id) do update
-            set name = excluded.name, credits = excluded.credits, kind = excluded.kind,
-                stripe_price_id = excluded.stripe_price_id, unit_amount = excluded.unit_amount,
-                currency = excluded.currency, active = excluded.active
-         returning id, name, credits, kind, stripe_price_id, unit_amount, currency, active, created_at, updated_at",
+    let result = sqlx::query_as!(
+        AdminCreditPack,
+        r#"insert into public.credit_packs
+             (id, name, credits, kind, stripe_price_id, unit_amount, currency, active)
+           values ($1, $2, $3, $4, $5, $6, $7, $8)
+           on conflict (id) do update
+              set name = excluded.name, credits = excluded.credits, kind = excluded.kind,
+                  stripe_price_id = excluded.stripe_price_id, unit_amount = excluded.unit_amount,
+                  currency = excluded.currency, active = excluded.active
+           returning id, name, credits, kind as "kind: PackKind", stripe_price_id, unit_amount,
+                     currency, active, created_at, updated_at"#,
+        id,
+        &name,
+        p.credits as i32,
+        p.kind as _,
+        p.stripe_price_id.as_deref(),
+        p.unit_amount as i32,
+        &currency,
+        p.active,
     )
-    .bind(id)
-    .bind(&name)
-    .bind(p.credits as i32)
-    .bind(p.kind)
-    .bind(&p.stripe_price_id)
-    .bind(p.unit_amount as i32)
-    .bind(&currency)
-    .bind(p.active)
     .fetch_one(&state.pool)
     .await;
     match result {

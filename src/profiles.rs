@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
-use sqlx::FromRow;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -22,7 +21,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// A profile as read: the columns of `public.profiles` the answer shows, and the ad allowance
 /// as `public.ad_allowance` computes it (the ad day is the database's).
-#[derive(Debug, FromRow)]
+#[derive(Debug)]
 pub struct ProfileRow {
     pub id: Uuid,
     pub email: Option<String>,
@@ -104,16 +103,18 @@ impl From<ProfileRow> for Profile {
 
 /// The profile of `id`, read as `service_role` (admin routes).
 pub async fn fetch(pool: &sqlx::PgPool, id: Uuid) -> ApiResult<Option<Profile>> {
-    let row: Option<ProfileRow> = sqlx::query_as(
-        "select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
-                a.views_today, a.daily_limit, a.views_remaining, a.resets_at,
-                p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
-                p.created_at, p.updated_at
-           from public.profiles p
-          cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
-          where p.id = $1",
+    let row = sqlx::query_as!(
+        ProfileRow,
+        r#"select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
+                  a.views_today as "views_today!", a.daily_limit as "daily_limit!",
+                  a.views_remaining as "views_remaining!", a.resets_at as "resets_at!",
+                  p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
+                  p.created_at, p.updated_at
+             from public.profiles p
+            cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
+            where p.id = $1"#,
+        id,
     )
-    .bind(id)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(Profile::from))
@@ -134,15 +135,18 @@ pub async fn fetch(pool: &sqlx::PgPool, id: Uuid) -> ApiResult<Option<Profile>> 
 )]
 pub async fn get_me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Profile>> {
     // One round trip: the function reads as the user, under RLS (see the user reads migration).
-    let row: Option<ProfileRow> = sqlx::query_as(
-        "select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
-                a.views_today, a.daily_limit, a.views_remaining, a.resets_at,
-                p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
-                p.created_at, p.updated_at
-           from public.profile_as_user($1) p
-          cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a",
+    let row = sqlx::query_as!(
+        ProfileRow,
+        r#"select p.id as "id!", p.email, p.display_name, p.avatar_url, p.credits as "credits!",
+                  p.is_admin as "is_admin!", a.views_today as "views_today!",
+                  a.daily_limit as "daily_limit!", a.views_remaining as "views_remaining!",
+                  a.resets_at as "resets_at!", p.subscription_status, p.subscription_plan,
+                  p.subscription_current_period_end, p.created_at as "created_at!",
+                  p.updated_at as "updated_at!"
+             from public.profile_as_user($1) p
+            cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a"#,
+        &*user.claims,
     )
-    .bind(&*user.claims)
     .fetch_optional(&state.pool)
     .await?;
     Ok(Json(row.ok_or(ApiError::ProfileNotFound)?.into()))
@@ -236,19 +240,23 @@ pub async fn patch_me(
 ) -> ApiResult<Json<Profile>> {
     let (display_name, avatar_url) = body.value.check()?;
     // As the user: RLS and the column privileges are what allow this update.
-    let row: Option<ProfileRow> = sqlx::query_as(
-        "select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
-                a.views_today, a.daily_limit, a.views_remaining, a.resets_at,
-                p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
-                p.created_at, p.updated_at
-           from public.update_profile_as_user($1, $2, $3, $4, $5) p
-          cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a",
+    let (set_name, set_avatar) = (display_name.is_some(), avatar_url.is_some());
+    let row = sqlx::query_as!(
+        ProfileRow,
+        r#"select p.id as "id!", p.email, p.display_name, p.avatar_url, p.credits as "credits!",
+                  p.is_admin as "is_admin!", a.views_today as "views_today!",
+                  a.daily_limit as "daily_limit!", a.views_remaining as "views_remaining!",
+                  a.resets_at as "resets_at!", p.subscription_status, p.subscription_plan,
+                  p.subscription_current_period_end, p.created_at as "created_at!",
+                  p.updated_at as "updated_at!"
+             from public.update_profile_as_user($1, $2, $3, $4, $5) p
+            cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a"#,
+        &*user.claims,
+        set_name,
+        display_name.flatten(),
+        set_avatar,
+        avatar_url.flatten(),
     )
-    .bind(&*user.claims)
-    .bind(display_name.is_some())
-    .bind(display_name.flatten())
-    .bind(avatar_url.is_some())
-    .bind(avatar_url.flatten())
     .fetch_optional(&state.pool)
     .await?;
     Ok(Json(row.ok_or(ApiError::ProfileNotFound)?.into()))

@@ -322,9 +322,8 @@ where
             (Role::ServiceRole, _) => Ok(AdminCaller::ServiceRole),
             (Role::Authenticated, Some(id)) => {
                 // Admin status is read fresh: revoking it takes effect at once.
-                let is_admin: Option<bool> =
-                    sqlx::query_scalar("select is_admin from public.profiles where id = $1")
-                        .bind(id)
+                let is_admin =
+                    sqlx::query_scalar!("select is_admin from public.profiles where id = $1", id)
                         .fetch_optional(&PgPool::from_ref(state))
                         .await?;
                 if is_admin == Some(true) {

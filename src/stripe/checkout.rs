@@ -5,7 +5,6 @@ use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::FromRow;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -39,7 +38,6 @@ pub struct CheckoutSession {
     pub url: String,
 }
 
-#[derive(FromRow)]
 struct Purchase {
     pack_found: bool,
     active: Option<bool>,
@@ -96,15 +94,19 @@ pub async fn create_session(
         return Err(ApiError::Validation(errors));
     }
 
-    let purchase: Purchase = sqlx::query_as(
-        "select k.id is not null as pack_found, k.active, k.name, k.credits, k.kind, k.stripe_price_id,
-                p.id is not null as profile_found, p.email, p.stripe_customer_id
-           from (select 1) one
-           left join public.credit_packs k on k.id = $1
-           left join public.profiles p on p.id = $2",
+    let purchase = sqlx::query_as!(
+        Purchase,
+        r#"select k.id is not null as "pack_found!", k.active as "active?", k.name as "name?",
+                  k.credits as "credits?", k.kind as "kind?: PackKind",
+                  k.stripe_price_id as "stripe_price_id?",
+                  p.id is not null as "profile_found!", p.email as "email?",
+                  p.stripe_customer_id as "stripe_customer_id?"
+             from (select 1) one
+             left join public.credit_packs k on k.id = $1
+             left join public.profiles p on p.id = $2"#,
+        request.pack_id,
+        user.id,
     )
-    .bind(request.pack_id)
-    .bind(user.id)
     .fetch_one(&state.pool)
     .await?;
     if !purchase.profile_found {

@@ -113,21 +113,22 @@ pub async fn receive(
     let mut tx = state.pool.begin().await?;
     // Claim the event: a new id, or one whose earlier handling failed. A concurrent delivery
     // waits here on the primary key until this transaction ends.
-    let claimed: Option<i32> = sqlx::query_scalar(
-        "insert into public.stripe_events (id, type, api_version, livemode, stripe_created_at, status, payload)
+    let claimed = sqlx::query_scalar!(
+        "insert into public.stripe_events
+           (id, type, api_version, livemode, stripe_created_at, status, payload)
          values ($1, $2, $3, $4, to_timestamp($5), 'processing', $6)
          on conflict (id) do update
             set status = 'processing', attempts = public.stripe_events.attempts + 1, error = null,
                 payload = excluded.payload
           where public.stripe_events.status = 'failed'
-         returning 1",
+         returning 1 as claimed",
+        &event.id,
+        &event.kind,
+        event.api_version.as_deref(),
+        event.livemode,
+        event.created.map(|c| c as f64),
+        &payload,
     )
-    .bind(&event.id)
-    .bind(&event.kind)
-    .bind(&event.api_version)
-    .bind(event.livemode)
-    .bind(event.created.map(|c| c as f64))
-    .bind(&payload)
     .fetch_optional(&mut *tx)
     .await?;
     if claimed.is_none() {
@@ -157,14 +158,14 @@ pub async fn receive(
         Err(Failure::Permanent(why)) => ("rejected", Some(why.clone())),
         Err(Failure::Retry(why)) => ("failed", Some(why.clone())),
     };
-    sqlx::query(
+    sqlx::query!(
         "update public.stripe_events set status = $2, error = $3,
                 processed_at = case when $2 in ('processed', 'ignored') then now() end
           where id = $1",
+        &event.id,
+        status,
+        error.as_deref(),
     )
-    .bind(&event.id)
-    .bind(status)
-    .bind(&error)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -315,13 +316,13 @@ async fn remember_customer(
     user: Uuid,
     customer: &str,
 ) -> Result<(), Failure> {
-    sqlx::query(
+    sqlx::query!(
         "update public.profiles p set stripe_customer_id = $2
           where p.id = $1 and p.stripe_customer_id is distinct from $2
             and not exists (select 1 from public.profiles o where o.stripe_customer_id = $2)",
+        user,
+        customer,
     )
-    .bind(user)
-    .bind(customer)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -52,18 +52,19 @@ pub(super) async fn checkout_paid(
     let pack = user_from(session.metadata.get("pack_id"));
     let (credits, pack_id, pack_name) =
         pack_credits(conn, pack, session.metadata.get("credits")).await?;
-    let granted: Option<Uuid> = sqlx::query_scalar(
-        "select public.stripe_grant('checkout_session', $1, $2, $3, $4, $5, $6, $7, null, 'stripe', $8, $9)",
+    let granted = sqlx::query_scalar!(
+        "select public.stripe_grant('checkout_session', $1, $2, $3, $4, $5, $6, $7, null,
+                                    'stripe', $8, $9)",
+        &session.id,
+        user,
+        pack_id,
+        credits,
+        clamp(session.amount_total.unwrap_or(0)),
+        session.currency.as_deref(),
+        id_of(&session.payment_intent),
+        format!("Credit pack: {pack_name}"),
+        &event.id,
     )
-    .bind(&session.id)
-    .bind(user)
-    .bind(pack_id)
-    .bind(credits)
-    .bind(clamp(session.amount_total.unwrap_or(0)))
-    .bind(&session.currency)
-    .bind(id_of(&session.payment_intent))
-    .bind(format!("Credit pack: {pack_name}"))
-    .bind(&event.id)
     .fetch_one(&mut *conn)
     .await?;
     if granted.is_some() {
@@ -78,13 +79,14 @@ async fn pack_credits(
     pack: Option<Uuid>,
     promised: Option<&String>,
 ) -> Result<(i32, Option<Uuid>, String), Failure> {
-    let row: Option<(Uuid, i32, String)> = match pack {
-        Some(id) => {
-            sqlx::query_as("select id, credits, name from public.credit_packs where id = $1")
-                .bind(id)
-                .fetch_optional(&mut *conn)
-                .await?
-        }
+    let row = match pack {
+        Some(id) => sqlx::query!(
+            "select id, credits, name from public.credit_packs where id = $1",
+            id
+        )
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|r| (r.id, r.credits, r.name)),
         None => None,
     };
     let promised = promised

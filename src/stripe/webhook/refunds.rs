@@ -18,13 +18,15 @@ pub(super) struct ChargeObject {
 }
 
 pub(super) async fn charge_refunded(conn: &mut PgConnection, charge: ChargeObject) -> Outcome {
-    let taken: i32 = sqlx::query_scalar("select public.stripe_record_charge($1, $2, $3, $4, 0)")
-        .bind(&charge.id)
-        .bind(id_of(&charge.payment_intent))
-        .bind(clamp(charge.amount))
-        .bind(clamp(charge.amount_refunded))
-        .fetch_one(&mut *conn)
-        .await?;
+    let taken = sqlx::query_scalar!(
+        r#"select public.stripe_record_charge($1, $2, $3, $4, 0) as "taken!""#,
+        &charge.id,
+        id_of(&charge.payment_intent),
+        clamp(charge.amount),
+        clamp(charge.amount_refunded),
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     telemetry::credits_spent("refund", i64::from(taken));
     Ok(Handled::Processed)
 }
@@ -41,12 +43,14 @@ pub(super) async fn dispute_created(conn: &mut PgConnection, dispute: DisputeObj
         .ok_or_else(|| Failure::Permanent("the dispute names no charge".to_owned()))?;
     // The dispute does not carry its charge's amount: the function finds it under the
     // payment's lock (a null amount says so).
-    let taken: i32 = sqlx::query_scalar("select public.stripe_record_charge($1, $2, null, 0, $3)")
-        .bind(&charge)
-        .bind(id_of(&dispute.payment_intent))
-        .bind(clamp(dispute.amount))
-        .fetch_one(&mut *conn)
-        .await?;
+    let taken = sqlx::query_scalar!(
+        r#"select public.stripe_record_charge($1, $2, null, 0, $3) as "taken!""#,
+        &charge,
+        id_of(&dispute.payment_intent),
+        clamp(dispute.amount),
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     telemetry::credits_spent("refund", i64::from(taken));
     Ok(Handled::Processed)
 }

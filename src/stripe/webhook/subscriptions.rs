@@ -83,11 +83,12 @@ async fn subscriber(
             "no user in metadata and no customer".to_owned(),
         ));
     };
-    let user: Option<Uuid> =
-        sqlx::query_scalar("select id from public.profiles where stripe_customer_id = $1")
-            .bind(customer)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let user = sqlx::query_scalar!(
+        "select id from public.profiles where stripe_customer_id = $1",
+        customer
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     user.ok_or_else(|| Failure::Retry(format!("no profile holds Stripe customer {customer}")))
 }
 
@@ -110,10 +111,12 @@ pub(super) async fn subscription_changed(
         .or_else(|| items.iter().find_map(|i| i.current_period_end));
     let plan: Option<Uuid> = match &price {
         Some(price) => {
-            sqlx::query_scalar("select id from public.credit_packs where stripe_price_id = $1")
-                .bind(price)
-                .fetch_optional(&mut *conn)
-                .await?
+            sqlx::query_scalar!(
+                "select id from public.credit_packs where stripe_price_id = $1",
+                price
+            )
+            .fetch_optional(&mut *conn)
+            .await?
         }
         None => None,
     }
@@ -133,21 +136,22 @@ pub(super) async fn subscription_changed(
     }
     // Older events never overwrite newer state, and the end of a previous subscription does not
     // cancel the one that replaced it.
-    sqlx::query(
+    sqlx::query!(
         "update public.profiles p
             set stripe_subscription_id = $2, subscription_status = $3, subscription_plan = $4,
                 subscription_current_period_end = $5, stripe_subscription_event_at = $6
           where p.id = $1
             and (p.stripe_subscription_event_at is null or p.stripe_subscription_event_at <= $6)
-            and not ($7 and p.stripe_subscription_id is not null and p.stripe_subscription_id <> $2)",
+            and not ($7 and p.stripe_subscription_id is not null
+                     and p.stripe_subscription_id <> $2)",
+        user,
+        &sub.id,
+        &status,
+        plan.map(|p| p.to_string()),
+        period_end.and_then(|e| DateTime::<Utc>::from_timestamp(e, 0)),
+        event_at,
+        event.kind == "customer.subscription.deleted",
     )
-    .bind(user)
-    .bind(&sub.id)
-    .bind(&status)
-    .bind(plan.map(|p| p.to_string()))
-    .bind(period_end.and_then(|e| DateTime::<Utc>::from_timestamp(e, 0)))
-    .bind(event_at)
-    .bind(event.kind == "customer.subscription.deleted")
     .execute(&mut *conn)
     .await?;
     Ok(Handled::Processed)
@@ -271,14 +275,15 @@ pub(super) async fn invoice_paid(
     )
     .await?;
     let prices = invoice.price_ids();
-    let pack: Option<(Uuid, i32, String)> = sqlx::query_as(
+    let pack = sqlx::query!(
         "select id, credits, name from public.credit_packs
           where kind = 'subscription' and stripe_price_id = any ($1)
           order by credits desc limit 1",
+        &prices
     )
-    .bind(&prices)
     .fetch_optional(&mut *conn)
-    .await?;
+    .await?
+    .map(|r| (r.id, r.credits, r.name));
     let pack = match pack {
         Some(pack) => pack,
         None => {
@@ -286,12 +291,13 @@ pub(super) async fn invoice_paid(
                 .metadata("pack_id")
                 .and_then(|p| Uuid::parse_str(&p).ok());
             match by_metadata {
-                Some(id) => sqlx::query_as(
+                Some(id) => sqlx::query!(
                     "select id, credits, name from public.credit_packs where id = $1",
+                    id
                 )
-                .bind(id)
                 .fetch_optional(&mut *conn)
                 .await?
+                .map(|r| (r.id, r.credits, r.name))
                 .ok_or_else(|| {
                     Failure::Retry(format!(
                         "no credit pack sells the prices of invoice {}",
@@ -324,19 +330,20 @@ pub(super) async fn invoice_paid(
             }
         },
     };
-    let granted: Option<Uuid> = sqlx::query_scalar(
-        "select public.stripe_grant('invoice', $1, $2, $3, $4, $5, $6, $7, $8, 'subscription', $9, $10)",
+    let granted = sqlx::query_scalar!(
+        "select public.stripe_grant('invoice', $1, $2, $3, $4, $5, $6, $7, $8, 'subscription',
+                                    $9, $10)",
+        &invoice.id,
+        user,
+        pack.0,
+        pack.1,
+        clamp(invoice.amount_paid),
+        invoice.currency.as_deref(),
+        payment_intent,
+        charge,
+        format!("Subscription: {}", pack.2),
+        &event.id,
     )
-    .bind(&invoice.id)
-    .bind(user)
-    .bind(pack.0)
-    .bind(pack.1)
-    .bind(clamp(invoice.amount_paid))
-    .bind(&invoice.currency)
-    .bind(payment_intent)
-    .bind(charge)
-    .bind(format!("Subscription: {}", pack.2))
-    .bind(&event.id)
     .fetch_one(&mut *conn)
     .await?;
     if granted.is_some() {
