@@ -29,3 +29,59 @@ alter policy images_insert_own on public.images
 alter table public.images
   add constraint images_storage_path_without_dot_segments
   check (storage_path !~ '(^|/)\.\.?(/|$)') not valid;
+
+------------------------------------------------------------------------------------------------
+-- Profiles: display names and avatar URLs the frontend can render safely.
+------------------------------------------------------------------------------------------------
+
+-- Users update these two columns directly through the REST API, so the service's validation
+-- (src/profiles.rs) is not enough on its own. Control characters are Unicode's Cc category
+-- (what Rust's char::is_control means); whitespace is Unicode's White_Space property (Rust's
+-- char::is_whitespace), spelled out so that the result does not depend on the server's locale.
+
+-- No writes while the rows are cleaned and the constraints added, so that no row that does
+-- not fit can slip in between (reads go on until the constraints need their exclusive lock).
+lock table public.profiles in share row exclusive mode;
+
+update public.profiles p set display_name = null
+ where p.display_name ~ '[\u0001-\u001f\u007f-\u009f]';
+
+update public.profiles p set avatar_url = null
+ where p.avatar_url !~ '^https?://'
+    or p.avatar_url ~ '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]';
+
+alter table public.profiles
+  add constraint profiles_display_name_without_control_characters
+    check (display_name !~ '[\u0001-\u001f\u007f-\u009f]'),
+  add constraint profiles_avatar_url_is_http
+    check (avatar_url ~ '^https?://'
+           and avatar_url !~ '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]');
+
+-- The sign-up trigger must never fail a sign-up: metadata is whatever the client sent, so a
+-- name or avatar that the constraints above would refuse is dropped, not stored.
+-- (sync_profile_email writes only the email, which these constraints do not concern.)
+create or replace function public.create_profile_on_signup() returns trigger
+language plpgsql security definer
+set search_path = ''
+as $$
+declare
+  name text := nullif(left(btrim(coalesce(new.raw_user_meta_data ->> 'display_name',
+                                          new.raw_user_meta_data ->> 'full_name',
+                                          new.raw_user_meta_data ->> 'name', '')), 100), '');
+  avatar text := new.raw_user_meta_data ->> 'avatar_url';
+begin
+  if name ~ '[\u0001-\u001f\u007f-\u009f]' then
+    name := null;
+  end if;
+  if not (pg_catalog.char_length(avatar) between 1 and 2048
+          and avatar ~ '^https?://'
+          and avatar !~ '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]') then
+    avatar := null;
+  end if;
+
+  insert into public.profiles (id, email, display_name, avatar_url, is_admin)
+  values (new.id, new.email, name, avatar, false)
+  on conflict (id) do nothing;
+  return new;
+end;
+$$;

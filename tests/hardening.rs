@@ -4,11 +4,18 @@
 
 mod common;
 
+use std::borrow::Cow;
+
+use amethyst_credits::MIGRATOR;
 use common::TestApp;
 use serde_json::json;
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 use uuid::Uuid;
+
+/// The migration under test: everything before it is what a live database already has.
+const HARDENING: i64 = 20261127100000;
 
 fn sqlstate(result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) -> String {
     match result {
@@ -49,6 +56,21 @@ fn register_image(owner: Uuid, bucket: &str, path: &str) -> String {
         "insert into public.images (user_id, kind, storage_bucket, storage_path)
          values ('{owner}', 'generated', '{bucket}', '{path}')"
     )
+}
+
+/// The migrations before `version`, as a database deployed earlier has them.
+fn migrations_before(version: i64) -> Migrator {
+    Migrator {
+        migrations: Cow::Owned(
+            MIGRATOR
+                .migrations
+                .iter()
+                .filter(|m| m.version < version)
+                .cloned()
+                .collect(),
+        ),
+        ..Migrator::DEFAULT
+    }
 }
 
 // Finding: images outside the user's own folder or bucket.
@@ -201,5 +223,170 @@ async fn service_role_registers_images_for_anyone_but_never_with_dot_segments(
         as_service_role(&app.owner, &climbing).await,
         "23514",
         "the check constraint holds for every role"
+    );
+}
+
+// Finding: display names and avatar URLs.
+
+#[sqlx::test]
+async fn a_user_cannot_put_control_characters_in_their_display_name(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let alice = app.user().await;
+    let set = |value: &str| {
+        format!(
+            "update public.profiles set display_name = {value} where id = '{}'",
+            alice.id
+        )
+    };
+
+    for value in [
+        r"E'Ada\x1b[2J'",
+        r"E'Ada\nLovelace'",
+        r"E'Ada\tLovelace'",
+        r"E'Ada\x7f'",
+        r"E'Ada\u0085'",
+        r"E'\u009bAda'",
+    ] {
+        assert_eq!(
+            as_user(&app.owner, alice.id, &set(value)).await,
+            "23514",
+            "{value}"
+        );
+    }
+    for value in ["'Ada Lovelace'", "'Zoë 🌸'", "null"] {
+        assert_eq!(
+            as_user(&app.owner, alice.id, &set(value)).await,
+            "ok (1 rows)",
+            "{value}"
+        );
+    }
+}
+
+#[sqlx::test]
+async fn a_user_can_only_set_an_http_avatar_url_without_whitespace(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let alice = app.user().await;
+    let set = |value: &str| {
+        format!(
+            "update public.profiles set avatar_url = {value} where id = '{}'",
+            alice.id
+        )
+    };
+
+    for value in [
+        "'javascript:alert(1)'",
+        "'data:image/png;base64,AAAA'",
+        "'ftp://example.com/a.png'",
+        "'//example.com/a.png'",
+        "'HTTPS://example.com/a.png'",
+        "' https://example.com/a.png'",
+        "'https://example.com/a b.png'",
+        r"E'https://example.com/a.png\n'",
+        r"E'https://example.com/\u00a0a.png'",
+        r"E'https://example.com/\u2028a.png'",
+    ] {
+        assert_eq!(
+            as_user(&app.owner, alice.id, &set(value)).await,
+            "23514",
+            "{value}"
+        );
+    }
+    for value in [
+        "'https://cdn.example.com/a.png'",
+        "'http://localhost:54321/a.png'",
+        "null",
+    ] {
+        assert_eq!(
+            as_user(&app.owner, alice.id, &set(value)).await,
+            "ok (1 rows)",
+            "{value}"
+        );
+    }
+}
+
+#[sqlx::test]
+async fn a_sign_up_with_unfit_metadata_still_creates_the_profile_without_it(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let unfit = app
+        .user_with_meta(json!({"full_name": "Ada\u{1b}[2J", "avatar_url": "javascript:alert(1)"}))
+        .await;
+    let spaced = app
+        .user_with_meta(json!({"name": "Bo\nb", "avatar_url": "https://example.com/a b.png"}))
+        .await;
+    let fit = app
+        .user_with_meta(json!({"name": "Grace", "avatar_url": "https://example.com/g.png"}))
+        .await;
+
+    let profile = |id: Uuid| {
+        sqlx::query_as::<_, (Option<String>, Option<String>)>(
+            "select display_name, avatar_url from public.profiles where id = $1",
+        )
+        .bind(id)
+        .fetch_one(&app.owner)
+    };
+    assert_eq!(profile(unfit.id).await.unwrap(), (None, None));
+    assert_eq!(profile(spaced.id).await.unwrap(), (None, None));
+    assert_eq!(
+        profile(fit.id).await.unwrap(),
+        (
+            Some("Grace".to_owned()),
+            Some("https://example.com/g.png".to_owned())
+        )
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_migration_clears_unfit_names_and_avatars_before_constraining_them(
+    _pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = PgPoolOptions::new().connect_with(connect).await.unwrap();
+    migrations_before(HARDENING).run(&pool).await.unwrap();
+    // Signed up before: the old trigger kept whatever fitted its length limits.
+    let unfit = Uuid::new_v4();
+    let fit = Uuid::new_v4();
+    sqlx::query(
+        "insert into auth.users (id, email, raw_user_meta_data) values
+           ($1, 'unfit@example.com', $2), ($3, 'fit@example.com', $4)",
+    )
+    .bind(unfit)
+    .bind(json!({"name": "Eve\u{7}", "avatar_url": "javascript:alert(1)"}))
+    .bind(fit)
+    .bind(json!({"name": "Grace", "avatar_url": "https://example.com/g.png"}))
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Written directly, as a user could before.
+    sqlx::query(
+        "update public.profiles set avatar_url = 'https://example.com/a b.png' where id = $1",
+    )
+    .bind(fit)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    MIGRATOR
+        .run(&pool)
+        .await
+        .expect("the migration applies to existing rows");
+
+    let rows: Vec<(Uuid, Option<String>, Option<String>)> = sqlx::query_as(
+        "select id, display_name, avatar_url from public.profiles order by email desc",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![(unfit, None, None), (fit, Some("Grace".to_owned()), None),]
     );
 }
