@@ -85,3 +85,18 @@ begin
   return new;
 end;
 $$;
+
+------------------------------------------------------------------------------------------------
+-- Sequences: not users' business.
+------------------------------------------------------------------------------------------------
+
+-- Supabase's default privileges grant anon and authenticated every privilege on each new
+-- sequence in public. With USAGE or UPDATE a user could call nextval()/setval() on a ledger or
+-- maintenance sequence (burning or rewinding identity values); with SELECT read how busy the
+-- service is. Nothing a user does needs them: identity columns draw their values whatever the
+-- inserting role's privileges on the sequence. service_role keeps what it has.
+revoke all on all sequences in schema public from public, anon, authenticated;
+
+-- And for sequences that later migrations create (this applies to objects the migrating role
+-- creates, which is who runs migrations).
+alter default privileges in schema public revoke all on sequences from anon, authenticated;

@@ -390,3 +390,69 @@ async fn the_migration_clears_unfit_names_and_avatars_before_constraining_them(
         vec![(unfit, None, None), (fit, Some("Grace".to_owned()), None),]
     );
 }
+
+// Finding: sequences.
+
+/// The default privileges a Supabase project gives the `postgres` role in `public`.
+async fn supabase_default_privileges(pool: &PgPool) {
+    for kind in ["tables", "functions", "sequences"] {
+        pool.execute(
+            format!(
+                "alter default privileges in schema public grant all on {kind}
+                   to anon, authenticated, service_role"
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn users_can_use_no_sequence_in_public_even_with_supabases_default_privileges(
+    _pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = PgPoolOptions::new().connect_with(connect).await.unwrap();
+    // The first migration creates the roles (on Supabase they exist), then the project's
+    // defaults are in place before anything else is created, as on Supabase.
+    let platform = MIGRATOR.migrations[0].version;
+    migrations_before(platform + 1).run(&pool).await.unwrap();
+    supabase_default_privileges(&pool).await;
+    MIGRATOR.run(&pool).await.unwrap();
+    // A later migration's sequence.
+    pool.execute("create table public.later (id bigint generated always as identity)")
+        .await
+        .unwrap();
+
+    let usable: Vec<(String, String)> = sqlx::query_as(
+        "select c.relname::text, r.rolname
+           from pg_class c cross join (values ('anon'), ('authenticated')) as r(rolname)
+          where c.relkind = 'S' and c.relnamespace = 'public'::regnamespace
+            and has_sequence_privilege(r.rolname, c.oid, 'USAGE, SELECT, UPDATE')
+          order by 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(usable, vec![]);
+
+    let user = Uuid::new_v4();
+    for sql in [
+        "select nextval('public.maintenance_runs_id_seq')",
+        "select setval('public.credit_transactions_seq_seq', 1)",
+        "select last_value from public.later_id_seq",
+    ] {
+        assert_eq!(as_user(&pool, user, sql).await, "42501", "{sql}");
+    }
+
+    // service_role keeps what it needs.
+    let service: Vec<bool> = sqlx::query_scalar(
+        "select has_sequence_privilege('service_role', s, 'USAGE')
+           from unnest(array['public.credit_transactions_seq_seq', 'public.later_id_seq']) as s",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(service, vec![true, true]);
+}
