@@ -6,12 +6,12 @@ mod common;
 
 use std::borrow::Cow;
 
-use amethyst_credits::MIGRATOR;
+use amethyst_credits::{MIGRATOR, maintenance};
 use common::TestApp;
 use serde_json::json;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Executor, PgPool};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
 use uuid::Uuid;
 
 /// The migration under test: everything before it is what a live database already has.
@@ -455,4 +455,73 @@ async fn users_can_use_no_sequence_in_public_even_with_supabases_default_privile
     .await
     .unwrap();
     assert_eq!(service, vec![true, true]);
+}
+
+// Finding: search paths, and the maintenance that could not pin one.
+
+#[sqlx::test]
+async fn no_function_in_public_takes_the_callers_search_path(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    // What Supabase's linter reports as function_search_path_mutable, for our schema:
+    // functions and procedures with no search_path among their settings, other than an
+    // extension's own.
+    let unpinned: Vec<String> = sqlx::query_scalar(
+        "select p.proname::text
+           from pg_catalog.pg_proc p
+          where p.pronamespace = 'public'::regnamespace
+            and not exists (select 1 from pg_catalog.pg_depend d
+                             where d.classid = 'pg_catalog.pg_proc'::regclass
+                               and d.objid = p.oid and d.deptype = 'e')
+            and not exists (select 1 from unnest(coalesce(p.proconfig, '{}')) as setting
+                             where setting like 'search_path=%')
+          order by 1",
+    )
+    .fetch_all(&app.owner)
+    .await
+    .unwrap();
+    assert_eq!(unpinned, Vec::<String>::new());
+}
+
+#[sqlx::test]
+async fn a_maintenance_run_is_continued_only_by_the_session_that_started_it(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let mut first = PgConnection::connect_with(&app.connect).await.unwrap();
+    let mut second = PgConnection::connect_with(&app.connect).await.unwrap();
+    let run: i64 = sqlx::query_scalar("select public.maintenance_start('monthly')")
+        .fetch_one(&mut first)
+        .await
+        .unwrap();
+
+    for sql in [
+        "select public.maintenance_start('monthly')",
+        &format!("select public.maintenance_archive_batch({run})"),
+        &format!("select public.maintenance_finish({run})"),
+    ] {
+        assert_eq!(sqlstate(second.execute(sql).await), "55P03", "{sql}");
+    }
+
+    let finished: String = sqlx::query_scalar(&format!(
+        "select outcome from public.maintenance_finish({run})"
+    ))
+    .fetch_one(&mut first)
+    .await
+    .unwrap();
+    assert_eq!(finished, "ok");
+    let again = sqlstate(
+        first
+            .execute(format!("select public.maintenance_finish({run})").as_str())
+            .await,
+    );
+    assert_eq!(again, "22023", "a finished run is not finished twice");
+    // The lock went with the finish: the next run starts anywhere.
+    let next = maintenance::run(&mut second, maintenance::Task::Monthly, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(next.outcome, "ok");
 }
