@@ -6,7 +6,7 @@ mod common;
 
 use std::borrow::Cow;
 
-use amethyst_credits::{MIGRATOR, maintenance};
+use amethyst_credits::{MIGRATOR, maintenance, verify};
 use common::TestApp;
 use serde_json::json;
 use sqlx::migrate::Migrator;
@@ -524,4 +524,32 @@ async fn a_maintenance_run_is_continued_only_by_the_session_that_started_it(
         .await
         .unwrap();
     assert_eq!(next.outcome, "ok");
+}
+
+#[sqlx::test]
+async fn verify_names_unpinned_functions_and_sequences_users_can_use(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let mut conn = PgConnection::connect_with(&app.connect).await.unwrap();
+    let clean = verify::run(&mut conn).await.unwrap();
+    assert!(clean.passed(), "{clean}");
+
+    conn.execute(
+        "create function public.unpinned() returns int language sql as 'select 1';
+         grant usage on sequence public.maintenance_runs_id_seq to authenticated",
+    )
+    .await
+    .unwrap();
+    let report = verify::run(&mut conn).await.unwrap().to_string();
+
+    assert!(
+        report.contains("public.unpinned() runs with the caller's search_path"),
+        "{report}"
+    );
+    assert!(
+        report.contains("public.maintenance_runs_id_seq is usable by authenticated"),
+        "{report}"
+    );
 }
