@@ -1,6 +1,7 @@
-//! Maintenance (README, "Operations"): the daily, weekly and monthly tasks. The work
-//! itself is `public.run_maintenance` (see the maintenance migration), which pg_cron also
-//! calls; this module runs it from the CLI and shows its runs to admins.
+//! Maintenance (README, "Operations"): the daily, weekly and monthly tasks. The work itself is
+//! in SQL, `public.maintenance_start`, `…_archive_batch` and `…_finish` (see the hardening
+//! migration), which pg_cron jobs also call; this module runs them from the CLI and shows their
+//! runs to admins.
 
 use std::fmt;
 
@@ -79,27 +80,41 @@ pub struct MaintenanceRun {
     pub findings: serde_json::Value,
 }
 
-/// Runs `task` once on `conn`, which must not be inside a transaction: the monthly archival
-/// commits after every batch.
+/// Runs `task` once on `conn`, which must not be inside a transaction: each step commits on
+/// its own, so a run that dies keeps the archival batches it moved. The loop lives here (and in
+/// the pg_cron jobs) because a function that pins its search_path cannot commit.
 pub async fn run(
     conn: &mut PgConnection,
     task: Task,
     archival: Archival,
 ) -> Result<MaintenanceRun, sqlx::Error> {
-    let (run_id,): (i64,) = sqlx::query_as(
-        "call public.run_maintenance($1, null, make_interval(months => $2), $3, $4)",
-    )
-    .bind(task.as_str())
-    .bind(archival.older_than_months as i32)
-    .bind(archival.batch_size.max(1) as i32)
-    .bind(archival.pause_seconds)
-    .fetch_one(&mut *conn)
-    .await?;
-    let run: MaintenanceRun =
-        sqlx::query_as("select id, task, started_at, finished_at, outcome, findings from public.maintenance_runs where id = $1")
-            .bind(run_id)
+    let run_id: i64 =
+        sqlx::query_scalar("select public.maintenance_start($1, make_interval(months => $2))")
+            .bind(task.as_str())
+            .bind(archival.older_than_months as i32)
             .fetch_one(&mut *conn)
             .await?;
+    if task == Task::Monthly {
+        loop {
+            let moved: i32 = sqlx::query_scalar("select public.maintenance_archive_batch($1, $2)")
+                .bind(run_id)
+                .bind(archival.batch_size.max(1) as i32)
+                .fetch_one(&mut *conn)
+                .await?;
+            if moved == 0 {
+                break;
+            }
+            if let Ok(pause) = std::time::Duration::try_from_secs_f64(archival.pause_seconds) {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+    let run: MaintenanceRun = sqlx::query_as(
+        "select id, task, started_at, finished_at, outcome, findings from public.maintenance_finish($1)",
+    )
+    .bind(run_id)
+    .fetch_one(&mut *conn)
+    .await?;
     metrics::counter!("maintenance_runs_total", "task" => task.as_str(), "outcome" => run.outcome.clone()).increment(1);
     Ok(run)
 }

@@ -1,6 +1,7 @@
-//! `verify`: the post-migration checks (functions, triggers, RLS on every
-//! public table), the privileges that keep balances out of users' reach, and the ledger
-//! invariant (docs/api.md, "The ledger"), naming every user it does not hold for.
+//! `verify`: the post-migration checks (functions, triggers, RLS on every public table),
+//! pinned search paths, the privileges that keep balances and sequences out of users' reach,
+//! and the ledger invariant (docs/api.md, "The ledger"), naming every user it does not hold
+//! for.
 
 use std::fmt;
 
@@ -132,6 +133,45 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
         exposed
             .into_iter()
             .map(|(f, r)| format!("public.{f} is executable by {r}"))
+            .collect(),
+    );
+
+    // Supabase's linter (function_search_path_mutable): a function that takes the caller's
+    // search_path can be made to call the caller's objects. Extensions' functions are theirs.
+    let unpinned: Vec<String> = sqlx::query_scalar(
+        "select p.proname::text || '(' || pg_get_function_identity_arguments(p.oid) || ')'
+           from pg_proc p
+          where p.pronamespace = 'public'::regnamespace
+            and not exists (select 1 from pg_depend d
+                             where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e')
+            and not exists (select 1 from unnest(coalesce(p.proconfig, '{}')) s where s like 'search_path=%')
+          order by 1",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    report.add(
+        "every function and procedure in public pins its search_path",
+        unpinned
+            .into_iter()
+            .map(|f| format!("public.{f} runs with the caller's search_path"))
+            .collect(),
+    );
+
+    let sequences: Vec<(String, String)> = sqlx::query_as(
+        "select c.relname::text, r.rolname
+           from pg_class c
+          cross join (values ('anon'), ('authenticated')) as r(rolname)
+          where c.relkind = 'S' and c.relnamespace = 'public'::regnamespace
+            and has_sequence_privilege(r.rolname, c.oid, 'USAGE, SELECT, UPDATE')
+          order by 1, 2",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    report.add(
+        "no sequence in public is usable by anon or authenticated",
+        sequences
+            .into_iter()
+            .map(|(s, r)| format!("public.{s} is usable by {r}"))
             .collect(),
     );
 

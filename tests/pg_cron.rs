@@ -144,67 +144,117 @@ async fn migrating_a_cluster_with_pg_cron_schedules_the_maintenance_and_a_job_ru
             .fetch_all(&mut conn)
             .await
             .unwrap();
+    let schedules: Vec<(&str, &str)> = jobs
+        .iter()
+        .map(|(name, schedule, _)| (name.as_str(), schedule.as_str()))
+        .collect();
     assert_eq!(
-        jobs,
+        schedules,
         vec![
-            (
-                "amethyst-credits-daily".to_owned(),
-                "10 0 * * *".to_owned(),
-                "call public.run_maintenance('daily')".to_owned()
-            ),
-            (
-                "amethyst-credits-monthly".to_owned(),
-                "0 3 1 * *".to_owned(),
-                "call public.run_maintenance('monthly')".to_owned()
-            ),
-            (
-                "amethyst-credits-weekly".to_owned(),
-                "30 1 * * 1".to_owned(),
-                "call public.run_maintenance('weekly')".to_owned()
-            ),
+            ("amethyst-credits-daily", "10 0 * * *"),
+            ("amethyst-credits-monthly", "0 3 1 * *"),
+            ("amethyst-credits-weekly", "30 1 * * 1"),
         ]
     );
+    // Each job runs the steps in a DO block that commits between them (no function that pins
+    // its search_path may commit); only the monthly one archives.
+    for (name, _, command) in &jobs {
+        let task = name.trim_start_matches("amethyst-credits-");
+        assert!(
+            command.starts_with("do $job$")
+                && command.contains(&format!("public.maintenance_start('{task}')"))
+                && command.contains("public.maintenance_finish(run)")
+                && command.contains("maintenance_archive_batch") == (task == "monthly"),
+            "{name}: {command}"
+        );
+    }
 
-    // Migrating again (a later deploy) keeps exactly these jobs.
-    sqlx::query("select cron.schedule('amethyst-credits-daily', '10 0 * * *', 'call public.run_maintenance(''daily'')')")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    // Scheduling again under the same name (a later deploy) keeps exactly these jobs.
+    sqlx::query(
+        "select cron.schedule(jobname, schedule, command) from cron.job where jobname = 'amethyst-credits-daily'",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
     let count: i64 = sqlx::query_scalar("select count(*) from cron.job")
         .fetch_one(&mut conn)
         .await
         .unwrap();
     assert_eq!(count, 3);
 
-    // Run the daily job every minute and wait for pg_cron to run it.
-    sqlx::query("select cron.alter_job(jobid, schedule => '* * * * *') from cron.job where jobname = 'amethyst-credits-daily'")
+    // One ledger row old enough to archive.
+    let user = uuid::Uuid::new_v4();
+    sqlx::query("insert into auth.users (id, email) values ($1, 'cron@example.com')")
+        .bind(user)
         .execute(&mut conn)
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let outcome = loop {
-        let run: Option<(String, String)> = sqlx::query_as(
-            "select task, outcome from public.maintenance_runs where outcome <> 'running' order by id desc limit 1",
-        )
-        .fetch_optional(&mut conn)
+    sqlx::query("select public.add_credits($1, 5, 'system')")
+        .bind(user)
+        .execute(&mut conn)
         .await
         .unwrap();
-        if let Some(run) = run {
-            break run;
+    sqlx::query("update public.credit_transactions set created_at = now() - interval '13 months'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    // Run the daily and monthly jobs every minute and wait for pg_cron to run them.
+    sqlx::query(
+        "select cron.alter_job(jobid, schedule => '* * * * *') from cron.job
+          where jobname in ('amethyst-credits-daily', 'amethyst-credits-monthly')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let runs = loop {
+        let runs: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+            "select distinct on (task) task, outcome, findings from public.maintenance_runs
+              where outcome <> 'running' order by task, id",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        if runs.len() == 2 {
+            break runs;
         }
         assert!(
             Instant::now() < deadline,
-            "pg_cron did not run the daily job within 150 s"
+            "pg_cron did not run the daily and monthly jobs within 150 s: {runs:?}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    assert_eq!(outcome, ("daily".to_owned(), "ok".to_owned()));
-    let status: String = sqlx::query_scalar(
-        "select d.status from cron.job_run_details d join cron.job j using (jobid)
-          where j.jobname = 'amethyst-credits-daily' order by d.runid desc limit 1",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .unwrap();
-    assert_eq!(status, "succeeded");
+    assert_eq!((runs[0].0.as_str(), runs[0].1.as_str()), ("daily", "ok"));
+    assert_eq!((runs[1].0.as_str(), runs[1].1.as_str()), ("monthly", "ok"));
+    assert_eq!(runs[1].2["archived"], 1, "{}", runs[1].2);
+    let archived: i64 =
+        sqlx::query_scalar("select count(*) from public.credit_transactions_archive")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(archived, 1);
+    // pg_cron records a job's status once its command has returned, just after the commit.
+    let statuses = loop {
+        let statuses: Vec<Option<String>> = sqlx::query_scalar(
+            "select (select d.status from cron.job_run_details d where d.jobid = j.jobid
+                      order by d.runid limit 1)
+               from cron.job j where j.jobname in ('amethyst-credits-daily', 'amethyst-credits-monthly')
+              order by j.jobname",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let done = statuses
+            .iter()
+            .all(|s| !matches!(s.as_deref(), None | Some("starting" | "running")));
+        if done || Instant::now() >= deadline {
+            break statuses;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        statuses,
+        vec![Some("succeeded".to_owned()), Some("succeeded".to_owned())]
+    );
 }

@@ -219,12 +219,12 @@ async fn images_are_visible_to_their_owner_only(pool: PgPoolOptions, connect: Pg
     let bob = app.user().await;
 
     let mut conn = as_user(&connect, alice.id).await;
-    let own = sqlx::query("insert into public.images (user_id, kind, storage_path) values ($1, 'generated', 'a/1.png')")
+    let own = sqlx::query("insert into public.images (user_id, kind, storage_path) values ($1, 'generated', $1 || '/1.png')")
         .bind(alice.id)
         .execute(&mut conn)
         .await;
     assert_eq!(sqlstate(own), "ok (1 rows)");
-    let forged = sqlx::query("insert into public.images (user_id, kind, storage_path) values ($1, 'generated', 'b/1.png')")
+    let forged = sqlx::query("insert into public.images (user_id, kind, storage_path) values ($1, 'generated', $1 || '/1.png')")
         .bind(bob.id)
         .execute(&mut conn)
         .await;

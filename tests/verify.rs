@@ -54,7 +54,7 @@ async fn verify_passes_on_a_clean_database_with_activity(
     let (passed, report) = verify(&connect);
 
     assert!(passed, "{report}");
-    assert!(report.contains("all 7 checks passed"), "{report}");
+    assert!(report.contains("all 9 checks passed"), "{report}");
 }
 
 #[sqlx::test]
