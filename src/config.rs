@@ -41,8 +41,32 @@ pub enum LogFormat {
 pub struct JwtConfig {
     pub secret: Option<Secret>,
     pub jwks_url: Option<String>,
+    pub jwks_timing: JwksTiming,
     pub audience: String,
     pub issuer: Option<String>,
+}
+
+/// How the JWKS keys are cached. Not read from the environment: the defaults follow Supabase
+/// (which caches its JWKS for 10 minutes) and CONTRACT §1 (an unknown `kid` refetches at most
+/// once per 30 s); tests shorten them to make keys old without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JwksTiming {
+    /// Age after which known keys are refreshed, in the background.
+    pub refresh_after: Duration,
+    /// Least time between two fetches of the key set, whatever started them.
+    pub cooldown: Duration,
+    /// How long one fetch may take.
+    pub fetch_timeout: Duration,
+}
+
+impl Default for JwksTiming {
+    fn default() -> Self {
+        Self {
+            refresh_after: Duration::from_secs(600),
+            cooldown: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -208,6 +232,7 @@ impl Config {
             jwt: JwtConfig {
                 secret,
                 jwks_url,
+                jwks_timing: JwksTiming::default(),
                 audience: get("JWT_AUDIENCE").unwrap_or_else(|| "authenticated".to_owned()),
                 issuer,
             },
