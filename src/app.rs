@@ -69,7 +69,7 @@ impl AppState {
             .expect("the HTTP client builds with static settings");
         AppState(Arc::new(Shared {
             verifier: TokenVerifier::new(&config.jwt, http.clone()),
-            rate_limiter: RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst),
+            rate_limiter: RateLimiter::from_config(&config),
             config,
             pool,
             http,
