@@ -2,7 +2,8 @@
 //! wrapped so that they never reach a log line through `Debug`.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
 use std::time::Duration;
 
 /// The Supabase CLI's well-known local JWT secret, used by `serve --dev` only.
@@ -41,8 +42,32 @@ pub enum LogFormat {
 pub struct JwtConfig {
     pub secret: Option<Secret>,
     pub jwks_url: Option<String>,
+    pub jwks_timing: JwksTiming,
     pub audience: String,
     pub issuer: Option<String>,
+}
+
+/// How the JWKS keys are cached. Not read from the environment: the defaults follow Supabase
+/// (which caches its JWKS for 10 minutes) and CONTRACT §1 (an unknown `kid` refetches at most
+/// once per 30 s); tests shorten them to make keys old without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JwksTiming {
+    /// Age after which known keys are refreshed, in the background.
+    pub refresh_after: Duration,
+    /// Least time between two fetches of the key set, whatever started them.
+    pub cooldown: Duration,
+    /// How long one fetch may take.
+    pub fetch_timeout: Duration,
+}
+
+impl Default for JwksTiming {
+    fn default() -> Self {
+        Self {
+            refresh_after: Duration::from_secs(600),
+            cooldown: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -77,10 +102,93 @@ pub struct Config {
     /// Requests per minute and burst per caller; 0 turns rate limiting off.
     pub rate_limit_per_minute: u32,
     pub rate_limit_burst: u32,
+    /// Peers whose `X-Forwarded-For` names the client (CONTRACT §7.4).
+    pub trusted_proxies: Vec<Cidr>,
     pub request_timeout: Duration,
     pub metrics: MetricsConfig,
     /// `serve --dev`: the well-known local secret is in use.
     pub dev: bool,
+}
+
+/// A block of addresses, such as `10.0.0.0/8` or `2001:db8::/32`; a bare address is a block
+/// of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, address: IpAddr) -> bool {
+        // An IPv4 client seen through a dual-stack socket arrives as ::ffff:a.b.c.d.
+        match (self.network, address.to_canonical()) {
+            (IpAddr::V4(network), IpAddr::V4(address)) => {
+                u32::from(address) & v4_mask(self.prefix) == u32::from(network)
+            }
+            (IpAddr::V6(network), IpAddr::V6(address)) => {
+                u128::from(address) & v6_mask(self.prefix) == u128::from(network)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn v4_mask(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+}
+
+fn v6_mask(prefix: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let network: IpAddr = address
+            .parse()
+            .map_err(|_| format!("{address:?} is not an IPv4 or IPv6 address"))?;
+        let bits = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            // Digits only: `u8::from_str` would also take "+8".
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= bits)
+                .ok_or_else(|| format!("the prefix length of {text:?} is above {bits}"))?,
+            Some(_) => return Err(format!("{text:?} has no valid prefix length")),
+        };
+        let (network, prefix) = match network {
+            // A block of v4-mapped addresses is the IPv4 block they map, which is how
+            // `contains` sees such clients.
+            IpAddr::V6(v6) if prefix >= 96 && v6.to_ipv4_mapped().is_some() => (
+                IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
+                prefix - 96,
+            ),
+            _ => (network, prefix),
+        };
+        let host_bits_clear = match network {
+            IpAddr::V4(n) => u32::from(n) & !v4_mask(prefix) == 0,
+            IpAddr::V6(n) => u128::from(n) & !v6_mask(prefix) == 0,
+        };
+        if !host_bits_clear {
+            return Err(format!(
+                "{text:?} has bits set past its prefix length: write the block's first address"
+            ));
+        }
+        Ok(Cidr { network, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
 }
 
 /// A configuration error, naming the variable.
@@ -205,6 +313,19 @@ impl Config {
         let rate_limit_per_minute =
             parse_number("RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), 600)?;
         let rate_limit_burst = parse_number("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), 100)?;
+        let trusted_proxies = get("TRUSTED_PROXIES")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(|c| {
+                        c.parse::<Cidr>()
+                            .map_err(|why| invalid("TRUSTED_PROXIES", why))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
         let request_timeout = Duration::from_secs(parse_number(
             "REQUEST_TIMEOUT_SECONDS",
             get("REQUEST_TIMEOUT_SECONDS"),
@@ -232,6 +353,7 @@ impl Config {
             jwt: JwtConfig {
                 secret,
                 jwks_url,
+                jwks_timing: JwksTiming::default(),
                 audience: get("JWT_AUDIENCE").unwrap_or_else(|| "authenticated".to_owned()),
                 issuer,
             },
@@ -247,6 +369,7 @@ impl Config {
             log_format,
             rate_limit_per_minute,
             rate_limit_burst,
+            trusted_proxies,
             request_timeout,
             metrics,
             dev: false,
@@ -359,5 +482,52 @@ mod tests {
             format!("{:?}", c.stripe.webhook_secrets[0]),
             "Secret([redacted])"
         );
+    }
+
+    #[test]
+    fn trusted_proxies_are_a_comma_separated_list_of_ipv4_and_ipv6_blocks() {
+        let c = config(&[("TRUSTED_PROXIES", " 10.0.0.0/8, ::1/128,192.168.1.7,")]).unwrap();
+        let blocks: Vec<String> = c.trusted_proxies.iter().map(|b| b.to_string()).collect();
+        assert_eq!(blocks, ["10.0.0.0/8", "::1/128", "192.168.1.7/32"]);
+        assert!(config(&[]).unwrap().trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn invalid_trusted_proxies_are_refused_naming_the_variable() {
+        for bad in [
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/-1",
+            "10.0.0/8",
+            "10.0.0.1/8",
+            "2001:db8::1/32",
+            "proxy.internal",
+            "10.0.0.0/8,nonsense",
+        ] {
+            let err = config(&[("TRUSTED_PROXIES", bad)]).unwrap_err();
+            assert_eq!(err.variable, "TRUSTED_PROXIES", "{bad}");
+            assert!(err.to_string().starts_with("TRUSTED_PROXIES: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_block_contains_the_addresses_under_its_prefix() {
+        let block = |text: &str| text.parse::<Cidr>().unwrap();
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(block("10.0.0.0/8").contains(ip("10.255.1.2")));
+        assert!(!block("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(block("10.0.0.0/8").contains(ip("::ffff:10.1.2.3")));
+        assert!(block("::ffff:10.0.0.0/104").contains(ip("10.1.2.3")));
+        assert!(block("0.0.0.0/0").contains(ip("203.0.113.9")));
+        assert!(!block("0.0.0.0/0").contains(ip("2001:db8::1")));
+        assert!(block("::/0").contains(ip("2001:db8::1")));
+        assert!(block("::1/128").contains(ip("::1")));
+        assert!(!block("::1/128").contains(ip("::2")));
+        assert!(block("2001:db8::/32").contains(ip("2001:db8:ffff::1")));
+        assert!(!block("2001:db8::/32").contains(ip("2001:db9::1")));
+        assert!(block("192.168.1.7").contains(ip("192.168.1.7")));
+        assert!(!block("192.168.1.7").contains(ip("192.168.1.8")));
     }
 }

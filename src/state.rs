@@ -56,10 +56,7 @@ impl AppState {
             .map(|key| StripeClient::new(http.clone(), &config.stripe.api_base, key));
         AppState(Arc::new(Shared {
             verifier: Arc::new(TokenVerifier::new(&config.jwt, http)),
-            rate_limiter: Arc::new(RateLimiter::new(
-                config.rate_limit_per_minute,
-                config.rate_limit_burst,
-            )),
+            rate_limiter: Arc::new(RateLimiter::from_config(&config)),
             stripe,
             config,
             pool,

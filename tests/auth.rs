@@ -2,17 +2,22 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use amethyst_credits::Config;
-use axum::http::StatusCode;
+use amethyst_credits::config::JwksTiming;
+use axum::http::{Method, StatusCode};
+use axum::response::IntoResponse;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{ISSUER, SECRET, TestApp, sign_hs256, user_claims};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::Notify;
+use tower::ServiceExt;
 use uuid::Uuid;
 
 const KID: &str = "test-es256-key";
@@ -22,28 +27,83 @@ const JWKS_PATH: &str = "/auth/v1/.well-known/jwks.json";
 struct JwksServer {
     url: String,
     fetches: Arc<AtomicUsize>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    fetched: Arc<Notify>,
+}
+
+/// How the stand-in answers.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    Answer,
+    /// Accepts the request and never answers.
+    Hang,
+    Fail,
+}
+
+impl JwksServer {
+    fn behave(&self, behaviour: Behaviour) {
+        *self.behaviour.lock().unwrap() = behaviour;
+    }
+
+    fn fetch_count(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    /// Returns once the server has been asked for the keys `count` times in all.
+    async fn fetched_at_least(&self, count: usize) {
+        loop {
+            let next = self.fetched.notified();
+            if self.fetch_count() >= count {
+                return;
+            }
+            next.await;
+        }
+    }
 }
 
 async fn jwks_server() -> JwksServer {
     let jwk: Value = serde_json::from_str(include_str!("fixtures/es256_public.jwk.json")).unwrap();
     let fetches = Arc::new(AtomicUsize::new(0));
-    let counter = fetches.clone();
+    let behaviour = Arc::new(Mutex::new(Behaviour::Answer));
+    let fetched = Arc::new(Notify::new());
+    let (counter, current, notify) = (fetches.clone(), behaviour.clone(), fetched.clone());
     let router = axum::Router::new().route(
         JWKS_PATH,
         axum::routing::get(move || {
             counter.fetch_add(1, Ordering::SeqCst);
+            notify.notify_waiters();
+            let behaviour = *current.lock().unwrap();
             let body =
                 json!({"keys": [jwk.clone(), {"kty": "oct", "k": "c2VjcmV0", "kid": "symmetric"}]});
-            async move { axum::Json(body) }
+            async move {
+                match behaviour {
+                    Behaviour::Answer => axum::Json(body).into_response(),
+                    Behaviour::Hang => std::future::pending().await,
+                    Behaviour::Fail => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                }
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    JwksServer { url, fetches }
+    JwksServer {
+        url,
+        fetches,
+        behaviour,
+        fetched,
+    }
 }
 
 async fn app_with_jwks(connect: PgConnectOptions, jwks: &JwksServer) -> TestApp {
+    app_with_jwks_timing(connect, jwks, JwksTiming::default()).await
+}
+
+async fn app_with_jwks_timing(
+    connect: PgConnectOptions,
+    jwks: &JwksServer,
+    timing: JwksTiming,
+) -> TestApp {
     let jwks_url = format!("{}{JWKS_PATH}", jwks.url);
     let mut config = Config::from_lookup(|name| match name {
         "SUPABASE_JWT_SECRET" => Some(SECRET.to_owned()),
@@ -54,8 +114,22 @@ async fn app_with_jwks(connect: PgConnectOptions, jwks: &JwksServer) -> TestApp 
     })
     .unwrap();
     config.database_max_connections = 5;
+    config.jwt.jwks_timing = timing;
     TestApp::with_config(connect, config).await
 }
+
+/// Keys that are old as soon as they arrive, no cooldown, and fetches allowed to take longer
+/// than any test: every request with a known `kid` may start a refresh.
+fn always_refreshing() -> JwksTiming {
+    JwksTiming {
+        refresh_after: Duration::ZERO,
+        cooldown: Duration::ZERO,
+        fetch_timeout: Duration::from_secs(600),
+    }
+}
+
+/// Generous: these tests take well under a second when the cache behaves.
+const GUARD: Duration = Duration::from_secs(60);
 
 fn sign_es256(claims: &Value, kid: &str, pem: &[u8]) -> String {
     let mut header = Header::new(Algorithm::ES256);
@@ -328,6 +402,93 @@ async fn an_unknown_kid_refetches_the_jwks_at_most_once_per_cooldown(
         1,
         "unknown kids within the cooldown fetch nothing"
     );
+}
+
+#[sqlx::test]
+async fn a_flood_of_unknown_kids_fetches_the_keys_once_per_cooldown(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let jwks = jwks_server().await;
+    let app = app_with_jwks(connect, &jwks).await;
+    let claims = user_claims(Uuid::new_v4(), "flood@example.com");
+
+    for round in 0..2 {
+        let router = app.router.clone();
+        let claims = claims.clone();
+        let statuses = common::all_at_once(50, move |i| {
+            let forged = sign_es256(&claims, &format!("made-up-{round}-{i}"), project_key());
+            let request = common::request(Method::GET, "/v1/me", Some(&forged), None, &[]);
+            let router = router.clone();
+            async move { router.oneshot(request).await.unwrap().status() }
+        })
+        .await;
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::UNAUTHORIZED),
+            "{statuses:?}"
+        );
+        assert_eq!(
+            jwks.fetch_count(),
+            1,
+            "round {round}: a flood of unknown kids fetches the key set once per cooldown"
+        );
+    }
+}
+
+#[sqlx::test]
+async fn a_request_with_a_cached_kid_never_waits_on_a_refresh_that_hangs(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    tokio::time::timeout(GUARD, async {
+        let jwks = jwks_server().await;
+        let app = app_with_jwks_timing(connect, &jwks, always_refreshing()).await;
+        let user = app.user().await;
+        let token = sign_es256(&user_claims(user.id, &user.email), KID, project_key());
+
+        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
+        assert_eq!(jwks.fetch_count(), 1, "the first request fetched the keys");
+
+        // The keys are now old and the auth server stops answering.
+        jwks.behave(Behaviour::Hang);
+        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
+        // That request started a refresh, which reached the server and hangs there...
+        jwks.fetched_at_least(2).await;
+        // ...while requests with the cached kid go on being served from the cache.
+        for _ in 0..3 {
+            assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
+        }
+    })
+    .await
+    .expect("requests with a cached kid must not wait for the JWKS server");
+}
+
+#[sqlx::test]
+async fn a_failed_background_refresh_keeps_the_known_keys(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    tokio::time::timeout(GUARD, async {
+        let jwks = jwks_server().await;
+        let app = app_with_jwks_timing(connect, &jwks, always_refreshing()).await;
+        let user = app.user().await;
+        let token = sign_es256(&user_claims(user.id, &user.email), KID, project_key());
+        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
+
+        jwks.behave(Behaviour::Fail);
+        // One refresh runs at a time, so the third fetch starts only after the second one
+        // failed; every request meanwhile, and the one after, still finds the key.
+        while jwks.fetch_count() < 3 {
+            assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
+    })
+    .await
+    .expect("the refreshes ran");
 }
 
 #[sqlx::test]

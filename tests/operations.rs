@@ -148,6 +148,85 @@ async fn callers_past_their_rate_limit_get_429_with_retry_after(
     assert_eq!(app.get("/health", None).await.status, 200);
 }
 
+/// GETs the public catalogue from a real server (so the limiter sees the TCP peer,
+/// 127.0.0.1) with the given `X-Forwarded-For`; answers the status.
+async fn catalogue_via(server: &common::Server, forwarded_for: Option<&str>) -> u16 {
+    let mut request = server.client.get(format!("{}/v1/credit-packs", server.url));
+    if let Some(value) = forwarded_for {
+        request = request.header("x-forwarded-for", value);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+fn limited_config(trusted_proxies: &str) -> amethyst_credits::Config {
+    let mut config = test_config();
+    config.rate_limit_per_minute = 1;
+    config.rate_limit_burst = 2;
+    config.trusted_proxies = trusted_proxies
+        .split(',')
+        .map(|c| c.parse().unwrap())
+        .collect();
+    config
+}
+
+#[sqlx::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_a_bucket_of_its_own(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let app = TestApp::with_config(connect, limited_config("127.0.0.0/8,::1/128")).await;
+    let server = app.serve();
+
+    let alice = Some("203.0.113.7");
+    assert_eq!(catalogue_via(&server, alice).await, 200);
+    assert_eq!(catalogue_via(&server, alice).await, 200);
+    assert_eq!(catalogue_via(&server, alice).await, 429);
+    // Another client behind the same proxy is not held back by the first.
+    assert_eq!(catalogue_via(&server, Some("203.0.113.8")).await, 200);
+    // What a client writes left of the address the proxy appended changes nothing.
+    assert_eq!(
+        catalogue_via(&server, Some("198.51.100.99, 203.0.113.7")).await,
+        429
+    );
+    // A proxy of our own between them is skipped.
+    assert_eq!(
+        catalogue_via(&server, Some("203.0.113.7, 127.0.0.5")).await,
+        429
+    );
+    // IPv6 clients share one bucket per /64.
+    assert_eq!(catalogue_via(&server, Some("2001:db8:1:2::1")).await, 200);
+    assert_eq!(
+        catalogue_via(&server, Some("2001:db8:1:2::ffff")).await,
+        200
+    );
+    assert_eq!(
+        catalogue_via(&server, Some("2001:db8:1:2:abcd::9")).await,
+        429
+    );
+    assert_eq!(catalogue_via(&server, Some("2001:db8:1:3::1")).await, 200);
+    // A malformed header counts against the peer itself.
+    assert_eq!(catalogue_via(&server, Some("not an address")).await, 200);
+    assert_eq!(catalogue_via(&server, None).await, 200);
+    assert_eq!(catalogue_via(&server, Some("")).await, 429);
+}
+
+#[sqlx::test]
+async fn x_forwarded_for_from_an_untrusted_peer_is_ignored(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let app = TestApp::with_config(connect, limited_config("10.0.0.0/8")).await;
+    let server = app.serve();
+
+    // Every request counts against the peer, whatever address it claims to forward for.
+    assert_eq!(catalogue_via(&server, Some("203.0.113.7")).await, 200);
+    assert_eq!(catalogue_via(&server, Some("203.0.113.8")).await, 200);
+    assert_eq!(catalogue_via(&server, Some("203.0.113.9")).await, 429);
+    assert_eq!(catalogue_via(&server, None).await, 429);
+}
+
 #[sqlx::test]
 async fn every_answer_carries_a_request_id_and_cors_allows_configured_origins(
     pool: PgPoolOptions,

@@ -143,6 +143,28 @@ async fn the_signature_matrix(pool: PgPoolOptions, connect: PgConnectOptions) {
 }
 
 #[sqlx::test]
+async fn timestamps_at_the_ends_of_the_integer_range_are_refused_as_invalid_signatures(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let body = event(
+        &event_id(),
+        "customer.created",
+        json!({"id": "cus_1", "object": "customer"}),
+    )
+    .to_string();
+    for timestamp in [i64::MIN, i64::MIN + 1, i64::MAX - 1, i64::MAX] {
+        // Correctly signed for that timestamp: only the distance to now is wrong.
+        let header = signature_header_at(&body, timestamp, WEBHOOK_SECRET);
+        let response = app.webhook_raw(body.clone(), Some(&header)).await;
+        assert_eq!(response.status, 400, "t={timestamp}: {:?}", response.body);
+        assert_eq!(response.code(), "invalid_signature", "t={timestamp}");
+    }
+}
+
+#[sqlx::test]
 async fn the_same_event_delivered_fifty_times_at_once_and_five_in_a_row_grants_once(
     pool: PgPoolOptions,
     connect: PgConnectOptions,

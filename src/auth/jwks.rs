@@ -1,21 +1,21 @@
 //! The project's asymmetric signing keys, fetched from its JWKS URL and cached by `kid`.
 //!
-//! An unknown `kid` triggers a refetch (key rotation), at most once per cooldown, so a flood
-//! of tokens with made-up key ids cannot turn into a flood of requests to the auth server.
-//! Keys are refreshed after [`KEY_TTL`]; when the refresh fails the keys already known are kept.
+//! A request whose `kid` is known never waits on the auth server: once the keys are older than
+//! [`JwksTiming::refresh_after`] they are still used, and one background task refreshes them;
+//! when that refresh fails the keys already known are kept. An unknown `kid` (a key rotation,
+//! or a forgery) triggers a fetch the request waits for, but fetches are at least
+//! [`JwksTiming::cooldown`] apart, and concurrent requests share the fetch in flight, so a
+//! flood of tokens with made-up key ids cannot turn into a flood of requests to the auth server.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Instant;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use tokio::sync::{Mutex, RwLock};
 
-/// Minimum time between two fetches of the key set.
-pub const REFETCH_COOLDOWN: Duration = Duration::from_secs(30);
-/// Age after which known keys are refreshed (Supabase caches its JWKS for 10 minutes).
-pub const KEY_TTL: Duration = Duration::from_secs(600);
+use crate::config::JwksTiming;
 
 /// A verification key and the one algorithm it may be used with.
 #[derive(Clone)]
@@ -27,54 +27,144 @@ pub struct VerificationKey {
 #[derive(Default)]
 struct Cached {
     keys: HashMap<String, VerificationKey>,
+    /// When the keys were last fetched successfully.
     fetched_at: Option<Instant>,
+    /// When the last fetch started, successful or not.
     last_attempt: Option<Instant>,
 }
 
+impl Cached {
+    fn may_fetch(&self, now: Instant, timing: &JwksTiming) -> bool {
+        self.last_attempt
+            .is_none_or(|t| now.saturating_duration_since(t) >= timing.cooldown)
+    }
+
+    fn is_old(&self, now: Instant, timing: &JwksTiming) -> bool {
+        self.fetched_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= timing.refresh_after)
+    }
+}
+
+/// Cheap to share: the spawned refresh holds the same cache.
 pub struct JwksCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     url: String,
     client: reqwest::Client,
+    timing: JwksTiming,
+    /// Never held across an `.await`: readers on the request path must not wait on a fetch.
     cached: RwLock<Cached>,
-    /// One fetch at a time; others wait and then read what it found.
-    fetching: Mutex<()>,
+    /// One fetch at a time; a request with an unknown `kid` waits for the fetch in flight and
+    /// reads what it found.
+    fetching: tokio::sync::Mutex<()>,
+    /// A background refresh has been spawned and has not finished.
+    refreshing: AtomicBool,
 }
 
 impl JwksCache {
-    pub fn new(url: String, client: reqwest::Client) -> Self {
+    pub fn new(url: String, client: reqwest::Client, timing: JwksTiming) -> Self {
         Self {
-            url,
-            client,
-            cached: RwLock::new(Cached::default()),
-            fetching: Mutex::new(()),
+            inner: Arc::new(Inner {
+                url,
+                client,
+                timing,
+                cached: RwLock::new(Cached::default()),
+                fetching: tokio::sync::Mutex::new(()),
+                refreshing: AtomicBool::new(false),
+            }),
         }
     }
 
-    /// The key for `kid`, fetching the key set if the id is unknown or the keys are old.
+    /// The key for `kid`. A known key answers at once (starting a background refresh when the
+    /// keys are old); an unknown one waits for a fetch, unless one happened within the cooldown.
     pub async fn key(&self, kid: &str) -> Option<VerificationKey> {
+        let now = Instant::now();
+        let (known, refresh) = {
+            let cached = self.inner.read();
+            let known = cached.keys.get(kid).cloned();
+            let refresh = known.is_some()
+                && cached.is_old(now, &self.inner.timing)
+                && cached.may_fetch(now, &self.inner.timing);
+            (known, refresh)
+        };
+        if let Some(key) = known {
+            if refresh {
+                self.refresh_in_background();
+            }
+            return Some(key);
+        }
+
+        let _one_at_a_time = self.inner.fetching.lock().await;
         {
-            let cached = self.cached.read().await;
-            if let Some(key) = cached.keys.get(kid)
-                && cached.fetched_at.is_some_and(|t| t.elapsed() < KEY_TTL)
-            {
+            // The fetch this request waited for may have brought the key, or used the cooldown.
+            let cached = self.inner.read();
+            if let Some(key) = cached.keys.get(kid) {
                 return Some(key.clone());
             }
-        }
-
-        let _one_at_a_time = self.fetching.lock().await;
-        {
-            let cached = self.cached.read().await;
-            let fresh = cached.fetched_at.is_some_and(|t| t.elapsed() < KEY_TTL);
-            let cooling_down = cached
-                .last_attempt
-                .is_some_and(|t| t.elapsed() < REFETCH_COOLDOWN);
-            if fresh && cached.keys.contains_key(kid) || cooling_down {
-                return cached.keys.get(kid).cloned();
+            if !cached.may_fetch(Instant::now(), &self.inner.timing) {
+                return None;
             }
         }
+        self.inner.fetch_and_store().await;
+        self.inner.read().keys.get(kid).cloned()
+    }
 
+    /// Fetches the key set once, for start-up; failures are logged, not fatal.
+    pub async fn prefetch(&self) {
+        let _one_at_a_time = self.inner.fetching.lock().await;
+        self.inner.fetch_and_store().await;
+    }
+
+    fn refresh_in_background(&self) {
+        if self
+            .inner
+            .refreshing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let _done = ClearOnDrop(&inner.refreshing);
+            let _one_at_a_time = inner.fetching.lock().await;
+            let still_needed = {
+                let now = Instant::now();
+                let cached = inner.read();
+                cached.is_old(now, &inner.timing) && cached.may_fetch(now, &inner.timing)
+            };
+            if still_needed {
+                inner.fetch_and_store().await;
+            }
+        });
+    }
+}
+
+/// Lowers the flag however the refresh task ends, so that a panic cannot stop refreshes.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Inner {
+    fn read(&self) -> RwLockReadGuard<'_, Cached> {
+        self.cached.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fetches the key set and replaces the known keys with it; on failure keeps them.
+    /// The caller holds `fetching`.
+    async fn fetch_and_store(&self) {
+        self.cached
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_attempt = Some(Instant::now());
         let fetched = self.fetch().await;
-        let mut cached = self.cached.write().await;
-        cached.last_attempt = Some(Instant::now());
+        let mut cached = self.cached.write().unwrap_or_else(|p| p.into_inner());
         match fetched {
             Ok(keys) => {
                 tracing::info!(keys = keys.len(), "fetched the JWKS");
@@ -85,19 +175,13 @@ impl JwksCache {
                 tracing::warn!(error = %err, "could not fetch the JWKS; keeping the known keys")
             }
         }
-        cached.keys.get(kid).cloned()
-    }
-
-    /// Fetches the key set once, for start-up; failures are logged, not fatal.
-    pub async fn prefetch(&self) {
-        let _ = self.key("").await;
     }
 
     async fn fetch(&self) -> anyhow::Result<HashMap<String, VerificationKey>> {
         let response = self
             .client
             .get(&self.url)
-            .timeout(Duration::from_secs(5))
+            .timeout(self.timing.fetch_timeout)
             .send()
             .await?
             .error_for_status()?;

@@ -63,7 +63,10 @@ impl TokenVerifier {
                 .secret
                 .as_ref()
                 .map(|s| DecodingKey::from_secret(s.expose().as_bytes())),
-            jwks: config.jwks_url.clone().map(|url| JwksCache::new(url, http)),
+            jwks: config
+                .jwks_url
+                .clone()
+                .map(|url| JwksCache::new(url, http, config.jwks_timing)),
             audience: config.audience.clone(),
             issuer: config.issuer.clone(),
         }

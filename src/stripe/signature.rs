@@ -57,7 +57,7 @@ pub fn verify(
     if signatures.is_empty() {
         return Err(SignatureError::Malformed);
     }
-    if (now - timestamp).abs() > TOLERANCE_SECONDS {
+    if !within_tolerance(timestamp, now) {
         return Err(SignatureError::OutsideTolerance);
     }
     for secret in secrets {
@@ -71,6 +71,13 @@ pub fn verify(
         }
     }
     Err(SignatureError::NoMatch)
+}
+
+/// Whether `timestamp` is at most [`TOLERANCE_SECONDS`] away from `now`. The header is the
+/// sender's to choose, so any `i64` can arrive here: the distance is taken in `i128`, where
+/// the difference of two `i64` always fits, instead of overflowing near `i64::MIN`/`MAX`.
+fn within_tolerance(timestamp: i64, now: i64) -> bool {
+    (i128::from(now) - i128::from(timestamp)).abs() <= i128::from(TOLERANCE_SECONDS)
 }
 
 /// The `v1` signature Stripe would send for `payload` at `timestamp` (used by tests and tools).
@@ -187,5 +194,46 @@ mod tests {
 
         let rotating = [Secret::new("whsec_new"), Secret::new("whsec_test_secret")];
         assert!(verify(Some(&header), BODY, &rotating, now).is_ok());
+    }
+
+    #[test]
+    fn timestamps_at_the_ends_of_i64_are_outside_the_tolerance_not_a_panic() {
+        let secret = [Secret::new("whsec_test_secret")];
+        for now in [0, 1_700_000_000, i64::MIN, i64::MAX] {
+            for t in [i64::MIN, i64::MIN + 1, i64::MAX - 1, i64::MAX] {
+                if (i128::from(now) - i128::from(t)).abs() <= 300 {
+                    continue;
+                }
+                let header = format!("t={t},v1={}", sign("whsec_test_secret", t, BODY));
+                assert_eq!(
+                    verify(Some(&header), BODY, &secret, now),
+                    Err(SignatureError::OutsideTolerance),
+                    "t={t}, now={now}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_tolerance_holds_at_the_ends_of_i64_too() {
+        let secret = [Secret::new("whsec_test_secret")];
+        for (t, now) in [
+            (i64::MAX, i64::MAX - 300),
+            (i64::MIN, i64::MIN + 300),
+            (i64::MAX - 300, i64::MAX),
+            (i64::MIN + 300, i64::MIN),
+        ] {
+            let header = format!("t={t},v1={}", sign("whsec_test_secret", t, BODY));
+            assert_eq!(verify(Some(&header), BODY, &secret, now), Ok(t), "t={t}");
+        }
+        let header = format!(
+            "t={},v1={}",
+            i64::MIN,
+            sign("whsec_test_secret", i64::MIN, BODY)
+        );
+        assert_eq!(
+            verify(Some(&header), BODY, &secret, i64::MIN + 301),
+            Err(SignatureError::OutsideTolerance)
+        );
     }
 }
