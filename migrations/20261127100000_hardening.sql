@@ -153,9 +153,11 @@ begin
 end;
 $$;
 
+-- The archival defaults have this one home: callers that pass null (the CLI without
+-- --archive-after-months, the pg_cron jobs) get 12 months and batches of 5000.
 create function public.maintenance_start(
   task text,
-  archive_older_than interval default interval '12 months'
+  archive_older_than interval default null
 ) returns bigint
 language plpgsql volatile
 set search_path = ''
@@ -166,6 +168,7 @@ declare
   lock_key bigint := pg_catalog.hashtext('amethyst-credits maintenance ' || task);
   new_run bigint;
 begin
+  archive_older_than := coalesce(archive_older_than, interval '12 months');
   if task is null or task not in ('daily', 'weekly', 'monthly') then
     raise exception 'unknown maintenance task %; expected daily, weekly or monthly', task
       using errcode = '22023';
@@ -198,7 +201,7 @@ begin
 end;
 $$;
 
-create function public.maintenance_archive_batch(run_id bigint, batch_size integer default 5000)
+create function public.maintenance_archive_batch(run_id bigint, batch_size integer default null)
 returns integer
 language plpgsql volatile
 set search_path = ''
@@ -212,7 +215,8 @@ begin
     raise exception 'maintenance run % is %, and only monthly runs archive', run_id, run.task
       using errcode = '22023';
   end if;
-  if batch_size is null or batch_size < 1 then
+  batch_size := coalesce(batch_size, 5000);
+  if batch_size < 1 then
     raise exception 'batch_size must be positive' using errcode = '22023';
   end if;
   cutoff := (run.findings ->> 'cutoff')::timestamptz;
@@ -292,9 +296,9 @@ begin
       run_outcome := 'failed';
     end;
 
-    -- Idempotency records live 24 hours.
+    -- Idempotency records live for the idempotency window.
     begin
-      delete from public.idempotency_keys k where k.created_at < pg_catalog.now() - interval '24 hours';
+      delete from public.idempotency_keys k where k.created_at < pg_catalog.now() - public.idempotency_window();
       get diagnostics n = row_count;
       run_findings := run_findings || pg_catalog.jsonb_build_object('idempotency_keys_removed', n);
     exception when others then

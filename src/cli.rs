@@ -44,12 +44,12 @@ pub enum Command {
     Maintenance {
         #[arg(value_enum)]
         task: maintenance::Task,
-        /// Monthly: archive credit transactions older than this many months.
-        #[arg(long, env = "ARCHIVE_AFTER_MONTHS", default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=1200))]
-        archive_after_months: u32,
-        /// Monthly: rows moved per transaction.
-        #[arg(long, env = "ARCHIVE_BATCH_SIZE", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-        batch_size: u32,
+        /// Monthly: archive credit transactions older than this many months (default 12).
+        #[arg(long, env = "ARCHIVE_AFTER_MONTHS", value_parser = clap::value_parser!(u32).range(1..=1200))]
+        archive_after_months: Option<u32>,
+        /// Monthly: rows moved per transaction (default 5000).
+        #[arg(long, env = "ARCHIVE_BATCH_SIZE", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        batch_size: Option<u32>,
         /// Monthly: seconds to pause between batches.
         #[arg(long, default_value_t = 0.0)]
         pause_seconds: f64,

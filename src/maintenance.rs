@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::{FromRow, PgConnection};
+use sqlx::PgConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -45,28 +45,21 @@ impl fmt::Display for Task {
     }
 }
 
-/// How the monthly archival runs.
-#[derive(Debug, Clone, Copy)]
+/// How the monthly archival runs. What is left unset takes the database's defaults
+/// (`public.maintenance_start` and `…_archive_batch`: 12 months, batches of 5000), which the
+/// pg_cron jobs use too.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Archival {
     /// Transactions older than this many months move to the archive.
-    pub older_than_months: u32,
-    pub batch_size: u32,
+    pub older_than_months: Option<u32>,
+    /// Rows moved per transaction.
+    pub batch_size: Option<u32>,
     /// Pause between batches, to spread the load (seconds).
     pub pause_seconds: f64,
 }
 
-impl Default for Archival {
-    fn default() -> Self {
-        Self {
-            older_than_months: 12,
-            batch_size: 5000,
-            pause_seconds: 0.0,
-        }
-    }
-}
-
 /// One recorded run.
-#[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MaintenanceRun {
     pub id: i64,
     /// `daily`, `weekly` or `monthly`.
@@ -88,19 +81,22 @@ pub async fn run(
     task: Task,
     archival: Archival,
 ) -> Result<MaintenanceRun, sqlx::Error> {
-    let run_id: i64 =
-        sqlx::query_scalar("select public.maintenance_start($1, make_interval(months => $2))")
-            .bind(task.as_str())
-            .bind(archival.older_than_months as i32)
-            .fetch_one(&mut *conn)
-            .await?;
+    let run_id = sqlx::query_scalar!(
+        r#"select public.maintenance_start($1, make_interval(months => $2)) as "run_id!""#,
+        task.as_str(),
+        archival.older_than_months.map(|m| m as i32),
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     if task == Task::Monthly {
         loop {
-            let moved: i32 = sqlx::query_scalar("select public.maintenance_archive_batch($1, $2)")
-                .bind(run_id)
-                .bind(archival.batch_size.max(1) as i32)
-                .fetch_one(&mut *conn)
-                .await?;
+            let moved = sqlx::query_scalar!(
+                r#"select public.maintenance_archive_batch($1, $2) as "moved!""#,
+                run_id,
+                archival.batch_size.map(|b| b as i32),
+            )
+            .fetch_one(&mut *conn)
+            .await?;
             if moved == 0 {
                 break;
             }
@@ -109,10 +105,13 @@ pub async fn run(
             }
         }
     }
-    let run: MaintenanceRun = sqlx::query_as(
-        "select id, task, started_at, finished_at, outcome, findings from public.maintenance_finish($1)",
+    let run = sqlx::query_as!(
+        MaintenanceRun,
+        r#"select id as "id!", task as "task!", started_at as "started_at!", finished_at,
+                  outcome as "outcome!", findings as "findings!"
+             from public.maintenance_finish($1)"#,
+        run_id,
     )
-    .bind(run_id)
     .fetch_one(&mut *conn)
     .await?;
     metrics::counter!("maintenance_runs_total", "task" => task.as_str(), "outcome" => run.outcome.clone()).increment(1);
@@ -147,13 +146,14 @@ pub async fn list_runs(
         None => None,
         Some(position) => Some(position.parse().map_err(|_| bad_cursor())?),
     };
-    let rows: Vec<MaintenanceRun> = sqlx::query_as(
+    let rows = sqlx::query_as!(
+        MaintenanceRun,
         "select id, task, started_at, finished_at, outcome, findings from public.maintenance_runs
           where ($1::bigint is null or id < $1)
           order by id desc limit $2",
+        before,
+        page.limit + 1,
     )
-    .bind(before)
-    .bind(page.limit + 1)
     .fetch_all(&state.pool)
     .await?;
     Ok(Json(List::from_rows(rows, page.limit, |r| {
@@ -174,14 +174,19 @@ pub struct LastRun {
 
 /// The latest run of each task, from the CLI and pg_cron alike.
 pub async fn last_runs(pool: &sqlx::PgPool) -> Result<Vec<LastRun>, sqlx::Error> {
-    let rows: Vec<(String, String, f64)> = sqlx::query_as(
-        "select distinct on (task) task, outcome, extract(epoch from coalesce(finished_at, started_at))::float8
-           from public.maintenance_runs order by task, id desc",
+    let rows = sqlx::query!(
+        r#"select distinct on (task) task, outcome,
+                  extract(epoch from coalesce(finished_at, started_at))::float8 as "at!"
+             from public.maintenance_runs order by task, id desc"#
     )
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(task, outcome, at)| LastRun { task, outcome, at })
+        .map(|r| LastRun {
+            task: r.task,
+            outcome: r.outcome,
+            at: r.at,
+        })
         .collect())
 }

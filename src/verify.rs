@@ -89,15 +89,18 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
     let mut report = Report::default();
 
     // The rule functions exist, plus how they are declared.
-    let functions: Vec<(String, bool, bool)> = sqlx::query_as(
-        "select p.proname::text, p.prosecdef,
-                coalesce('search_path=\"\"' = any (p.proconfig), false)
-           from pg_proc p
-          where p.pronamespace = 'public'::regnamespace and p.proname = any ($1)",
+    let functions: Vec<(String, bool, bool)> = sqlx::query!(
+        r#"select p.proname::text as "name!", p.prosecdef as "definer!",
+                  coalesce('search_path=""' = any (p.proconfig), false) as "pinned!"
+             from pg_proc p
+            where p.pronamespace = 'public'::regnamespace and p.proname = any ($1)"#,
+        REQUIRED_FUNCTIONS as &[&str],
     )
-    .bind(REQUIRED_FUNCTIONS)
     .fetch_all(&mut *conn)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.name, r.definer, r.pinned))
+    .collect();
     let mut findings = Vec::new();
     for name in REQUIRED_FUNCTIONS {
         match functions.iter().find(|f| f.0 == *name) {
@@ -114,20 +117,23 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
         findings,
     );
 
-    let exposed: Vec<(String, String)> = sqlx::query_as(
-        "select p.proname::text, r.rolname::text
-           from pg_proc p
-          cross join (values ('anon'), ('authenticated'), ('public')) as r(rolname)
-          where p.pronamespace = 'public'::regnamespace and p.proname = any ($1)
-            and case when r.rolname = 'public'
-                     then exists (select 1 from aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
-                                   where a.grantee = 0 and a.privilege_type = 'EXECUTE')
-                     else has_function_privilege(r.rolname, p.oid, 'EXECUTE') end
-          order by 1, 2",
+    let exposed: Vec<(String, String)> = sqlx::query!(
+        r#"select p.proname::text as "function!", r.rolname::text as "role!"
+             from pg_proc p
+            cross join (values ('anon'), ('authenticated'), ('public')) as r(rolname)
+            where p.pronamespace = 'public'::regnamespace and p.proname = any ($1)
+              and case when r.rolname = 'public'
+                       then exists (select 1 from aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                                     where a.grantee = 0 and a.privilege_type = 'EXECUTE')
+                       else has_function_privilege(r.rolname, p.oid, 'EXECUTE') end
+            order by 1, 2"#,
+        PRIVILEGED_FUNCTIONS as &[&str],
     )
-    .bind(PRIVILEGED_FUNCTIONS)
     .fetch_all(&mut *conn)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.function, r.role))
+    .collect();
     report.add(
         "balance-changing and act-as-user functions are not executable by anon, authenticated or PUBLIC",
         exposed
@@ -138,14 +144,14 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
 
     // Supabase's linter (function_search_path_mutable): a function that takes the caller's
     // search_path can be made to call the caller's objects. Extensions' functions are theirs.
-    let unpinned: Vec<String> = sqlx::query_scalar(
-        "select p.proname::text || '(' || pg_get_function_identity_arguments(p.oid) || ')'
-           from pg_proc p
-          where p.pronamespace = 'public'::regnamespace
-            and not exists (select 1 from pg_depend d
-                             where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e')
-            and not exists (select 1 from unnest(coalesce(p.proconfig, '{}')) s where s like 'search_path=%')
-          order by 1",
+    let unpinned = sqlx::query_scalar!(
+        r#"select p.proname::text || '(' || pg_get_function_identity_arguments(p.oid) || ')' as "function!"
+             from pg_proc p
+            where p.pronamespace = 'public'::regnamespace
+              and not exists (select 1 from pg_depend d
+                               where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e')
+              and not exists (select 1 from unnest(coalesce(p.proconfig, '{}')) s where s like 'search_path=%')
+            order by 1"#
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -157,16 +163,19 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
             .collect(),
     );
 
-    let sequences: Vec<(String, String)> = sqlx::query_as(
-        "select c.relname::text, r.rolname
-           from pg_class c
-          cross join (values ('anon'), ('authenticated')) as r(rolname)
-          where c.relkind = 'S' and c.relnamespace = 'public'::regnamespace
-            and has_sequence_privilege(r.rolname, c.oid, 'USAGE, SELECT, UPDATE')
-          order by 1, 2",
+    let sequences: Vec<(String, String)> = sqlx::query!(
+        r#"select c.relname::text as "sequence!", r.rolname as "role!"
+             from pg_class c
+            cross join (values ('anon'), ('authenticated')) as r(rolname)
+            where c.relkind = 'S' and c.relnamespace = 'public'::regnamespace
+              and has_sequence_privilege(r.rolname, c.oid, 'USAGE, SELECT, UPDATE')
+            order by 1, 2"#
     )
     .fetch_all(&mut *conn)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.sequence, r.role))
+    .collect();
     report.add(
         "no sequence in public is usable by anon or authenticated",
         sequences
@@ -176,9 +185,10 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
     );
 
     // The sign-up trigger exists and is enabled, and no user is left without a profile.
-    let trigger: Option<String> = sqlx::query_scalar(
-        "select tgenabled::text from pg_trigger
-          where tgname = 'on_auth_user_created' and tgrelid = 'auth.users'::regclass and not tgisinternal",
+    let trigger = sqlx::query_scalar!(
+        r#"select tgenabled::text as "enabled!" from pg_trigger
+            where tgname = 'on_auth_user_created' and tgrelid = 'auth.users'::regclass
+              and not tgisinternal"#
     )
     .fetch_optional(&mut *conn)
     .await?;
@@ -191,10 +201,10 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
         },
     );
 
-    let missing_profiles: Vec<Uuid> = sqlx::query_scalar(
+    let missing_profiles = sqlx::query_scalar!(
         "select u.id from auth.users u
           where not exists (select 1 from public.profiles p where p.id = u.id)
-          order by u.created_at limit 100",
+          order by u.created_at limit 100"
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -207,8 +217,9 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
     );
 
     // Row level security on every table.
-    let without_rls: Vec<String> = sqlx::query_scalar(
-        "select tablename::text from pg_tables where schemaname = 'public' and not rowsecurity order by 1",
+    let without_rls = sqlx::query_scalar!(
+        r#"select tablename::text as "table!" from pg_tables
+            where schemaname = 'public' and not rowsecurity order by 1"#
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -221,21 +232,24 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
     );
 
     // Users may change their display name and avatar, nothing else.
-    let writable: Vec<(String, String)> = sqlx::query_as(
-        "select c.table_name::text, c.column_name::text
-           from information_schema.columns c
-          where c.table_schema = 'public'
-            and c.table_name in ('profiles', 'credit_transactions', 'ad_views', 'credit_packs', 'idempotency_keys',
-                                 'stripe_events', 'stripe_grants', 'stripe_charges')
-            and (has_column_privilege('authenticated', format('public.%I', c.table_name), c.column_name, 'UPDATE')
-                 or has_column_privilege('authenticated', format('public.%I', c.table_name), c.column_name, 'INSERT')
-                 or has_column_privilege('anon', format('public.%I', c.table_name), c.column_name, 'UPDATE')
-                 or has_column_privilege('anon', format('public.%I', c.table_name), c.column_name, 'INSERT'))
-            and not (c.table_name = 'profiles' and c.column_name in ('display_name', 'avatar_url'))
-          order by 1, 2",
+    let writable: Vec<(String, String)> = sqlx::query!(
+        r#"select c.table_name::text as "table!", c.column_name::text as "column!"
+             from information_schema.columns c
+            where c.table_schema = 'public'
+              and c.table_name in ('profiles', 'credit_transactions', 'ad_views', 'credit_packs',
+                                   'idempotency_keys', 'stripe_events', 'stripe_grants', 'stripe_charges')
+              and (has_column_privilege('authenticated', format('public.%I', c.table_name), c.column_name, 'UPDATE')
+                   or has_column_privilege('authenticated', format('public.%I', c.table_name), c.column_name, 'INSERT')
+                   or has_column_privilege('anon', format('public.%I', c.table_name), c.column_name, 'UPDATE')
+                   or has_column_privilege('anon', format('public.%I', c.table_name), c.column_name, 'INSERT'))
+              and not (c.table_name = 'profiles' and c.column_name in ('display_name', 'avatar_url'))
+            order by 1, 2"#
     )
     .fetch_all(&mut *conn)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.table, r.column))
+    .collect();
     report.add(
         "users cannot write balances, ledgers or money-like columns",
         writable
@@ -246,12 +260,16 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
 
     // The ledger (docs/api.md, "The ledger"): credits = sum(amount) = newest balance_after, for every profile, archived
     // transactions included (the same check as the daily maintenance).
-    let broken: Vec<(Uuid, i32, i64, Option<i32>)> = sqlx::query_as(
-        "select user_id, credits, ledger_total, newest_balance_after
-           from public.ledger_discrepancies() order by user_id limit 1000",
+    let broken: Vec<(Uuid, i32, i64, Option<i32>)> = sqlx::query!(
+        r#"select user_id as "user_id!", credits as "credits!", ledger_total as "ledger_total!",
+                  newest_balance_after
+             from public.ledger_discrepancies() order by user_id limit 1000"#
     )
     .fetch_all(&mut *conn)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.user_id, r.credits, r.ledger_total, r.newest_balance_after))
+    .collect();
     report.add(
         "ledger: every balance equals the sum of its transactions (archive included) and the newest balance_after",
         broken

@@ -181,7 +181,7 @@ async fn monthly_archives_exactly_the_old_rows_and_changes_no_balance(
     assert_eq!(old_ids.len(), 12);
 
     let archival = Archival {
-        batch_size: 5,
+        batch_size: Some(5),
         ..Archival::default()
     };
     let first = run(&app, Task::Monthly, archival).await;
@@ -268,7 +268,7 @@ async fn an_archival_killed_between_batches_recovers_on_the_next_run(
         .await
         .unwrap();
     let slow = Archival {
-        batch_size: 1,
+        batch_size: Some(1),
         pause_seconds: 0.5,
         ..Archival::default()
     };
