@@ -17,7 +17,8 @@ use crate::auth::AdminCaller;
 use crate::credits::{self, BalanceChange, Transaction};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{
-    ApiJson, ApiQuery, IdPath, List, PageParams, check_text, parse_time_id, time_id_position,
+    ApiJson, ApiQuery, IdPath, List, PageParams, check_line, check_text, is_blank, time_id_cursor,
+    time_page,
 };
 use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::limits;
@@ -39,8 +40,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct UserSearch {
     /// Case-insensitive part of the email address.
     pub email: Option<String>,
+    /// Items per page, 1–100 (default 20).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     pub limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    #[param(pattern = "^([0-9]{1,16}-[0-9a-f]{32})?$")]
     pub cursor: Option<String>,
 }
 
@@ -63,29 +67,20 @@ pub async fn search_users(
     _admin: AdminCaller,
     ApiQuery(search): ApiQuery<UserSearch>,
 ) -> ApiResult<Json<List<Profile>>> {
-    let page = PageParams {
-        limit: search.limit,
-        cursor: search.cursor,
+    let page = time_page(search.limit.as_deref(), search.cursor.as_deref())?;
+    // Checked as given, then matched trimmed and case-insensitively.
+    let mut errors = Vec::new();
+    if let Some(email) = &search.email {
+        check_line(&mut errors, "email", email, limits::EMAIL_CHARS);
     }
-    .check()?;
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
     let email = search
         .email
         .map(|e| e.trim().to_lowercase())
         .filter(|e| !e.is_empty());
-    if email
-        .as_ref()
-        .is_some_and(|e| e.chars().count() > limits::EMAIL_CHARS || e.chars().any(char::is_control))
-    {
-        return Err(ApiError::field(
-            "email",
-            format!(
-                "at most {} characters, no control characters",
-                limits::EMAIL_CHARS
-            ),
-        ));
-    }
-    // The cursor holds the last row's (created_at, id).
-    let after = page.cursor.as_deref().map(parse_time_id).transpose()?;
+    let after = page.after;
     let pattern = email.map(|e| format!("%{}%", escape_like(&e)));
     let rows = sqlx::query_as!(
         ProfileRow,
@@ -109,7 +104,7 @@ pub async fn search_users(
     .await?;
     let profiles: Vec<Profile> = rows.into_iter().map(Profile::from).collect();
     Ok(Json(List::from_rows(profiles, page.limit, |p| {
-        time_id_position(&p.created_at, &p.id)
+        time_id_cursor(&p.created_at, &p.id)
     })))
 }
 
@@ -229,11 +224,17 @@ pub async fn adjust_credits(
             ),
         ));
     }
-    let reason = Some(request.reason.trim().to_owned()).filter(|r| !r.is_empty());
-    if reason.is_none() {
+    // Checked as given; recorded trimmed.
+    check_text(
+        &mut errors,
+        "reason",
+        &Some(request.reason.clone()),
+        limits::DESCRIPTION_CHARS,
+    );
+    if is_blank(&request.reason) {
         errors.push(FieldError::new("reason", "is required"));
     }
-    check_text(&mut errors, "reason", &reason, limits::DESCRIPTION_CHARS);
+    let reason = Some(request.reason.trim().to_owned());
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::extract::{ApiJson, ApiQuery, List, Page, PageParams, bad_cursor, check_text};
+use crate::extract::{ApiJson, ApiQuery, List, Page, PageParams, check_text};
 use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::limits;
 use crate::state::AppState;
@@ -43,20 +43,12 @@ pub struct Transaction {
     pub seq: i64,
 }
 
-/// Where a history page starts: below the cursor's ledger position.
-fn before(page: &Page) -> ApiResult<Option<i64>> {
-    page.cursor
-        .as_deref()
-        .map(|p| p.parse().map_err(|_| bad_cursor()))
-        .transpose()
-}
-
 /// A page of `user_id`'s history, newest first, read as `service_role` (admin routes). Keyset
 /// pagination on the ledger order: the (user_id, seq) index serves every page at the same cost.
 pub async fn history(
     pool: &sqlx::PgPool,
     user_id: Uuid,
-    page: &Page,
+    page: &Page<i64>,
 ) -> ApiResult<List<Transaction>> {
     let rows = sqlx::query_as!(
         Transaction,
@@ -66,7 +58,7 @@ pub async fn history(
           order by seq desc
           limit $3",
         user_id,
-        before(page)?,
+        page.after,
         page.limit + 1,
     )
     .fetch_all(pool)
@@ -101,7 +93,7 @@ pub async fn my_transactions(
                   seq as "seq!"
              from public.transactions_as_user($1, $2, $3)"#,
         &*user.claims,
-        before(&page)?,
+        page.after,
         (page.limit + 1) as i32,
     )
     .fetch_all(&state.pool)

@@ -266,6 +266,10 @@ impl From<sqlx::Error> for ApiError {
                 Some("23514") if db.constraint() == Some("profiles_credits_non_negative") => {
                     return Self::InsufficientCredits;
                 }
+                // A NUL character (or another one the database's encoding cannot hold) in text.
+                Some("22P05" | "22021") => {
+                    return Self::field("body", "contains a character that cannot be stored (NUL)");
+                }
                 Some("22003") => {
                     return Self::field("amount", "the resulting balance would be out of range");
                 }

@@ -6,12 +6,12 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
 
 use crate::error::{ApiError, FieldError};
 use crate::limits;
@@ -44,12 +44,33 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         if !document.is_object() {
             return Err(ApiError::field("body", "a JSON object is required"));
         }
+        let document = whole_numbers_as_integers(document);
         let value = serde_path_to_error::deserialize(&document).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." { "body".to_owned() } else { path };
             ApiError::Validation(vec![FieldError::new(field, e.inner().to_string())])
         })?;
         Ok(ApiJson { value, document })
+    }
+}
+
+/// JSON has one kind of number: `5.0` is the whole number 5 (as JSON Schema says), so it is
+/// read as an integer wherever one is expected.
+pub fn whole_numbers_as_integers(value: Value) -> Value {
+    match value {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
+            _ => Value::Number(n),
+        },
+        Value::Array(items) => {
+            Value::Array(items.into_iter().map(whole_numbers_as_integers).collect())
+        }
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, whole_numbers_as_integers(v)))
+                .collect(),
+        ),
+        other => other,
     }
 }
 
@@ -78,6 +99,34 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
             .map(ApiQuery)
             .map_err(|e| ApiError::field(e.path().to_string(), e.inner().to_string()))
     }
+}
+
+/// Checks one line of text as given (before any trimming): length in characters, and no
+/// control characters at all.
+pub fn check_line(errors: &mut Vec<FieldError>, field: &str, text: &str, max: usize) {
+    if text.chars().count() > max {
+        errors.push(FieldError::new(field, format!("at most {max} characters")));
+    } else if text.chars().any(char::is_control) {
+        errors.push(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+}
+
+/// Whether `text` is only white space (or empty).
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(char::is_whitespace)
+}
+
+/// An absolute http(s) URL without white space or control characters.
+pub fn is_http_url(text: &str) -> bool {
+    let rest = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"));
+    rest.is_some_and(|rest| {
+        !rest.is_empty() && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+    })
 }
 
 /// Checks free text: length in characters, and no control characters (a new line is allowed).
@@ -111,7 +160,15 @@ impl<S: Send + Sync> FromRequestParts<S> for IdPath {
     }
 }
 
-/// `?limit=&cursor=` of every list.
+/// The form of a cursor in a list ordered by the ledger (`seq`) or by id: the position to
+/// continue below. Empty or absent is the first page.
+pub const SEQ_CURSOR_PATTERN: &str = "^[0-9]{0,18}$";
+/// The form of a cursor in a list ordered by `(created_at, id)`: microseconds since the epoch
+/// and the id, of the last row of the previous page.
+pub const TIME_ID_CURSOR_PATTERN: &str = "^([0-9]{1,16}-[0-9a-f]{32})?$";
+
+/// `?limit=&cursor=` of the lists in ledger (or id) order. The cursor is opaque to clients;
+/// its form is documented so that a malformed one is refused as such.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
@@ -119,79 +176,108 @@ pub struct PageParams {
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     pub limit: Option<String>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = "^[0-9]{0,18}$")]
     pub cursor: Option<String>,
 }
 
-/// A checked page request.
-#[derive(Debug, Clone)]
-pub struct Page {
-    pub limit: i64,
+/// `?limit=&cursor=` of the lists in `(created_at, id)` order.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TimePageParams {
+    /// Items per page, 1–100 (default 20).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
+    pub limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    #[param(pattern = "^([0-9]{1,16}-[0-9a-f]{32})?$")]
     pub cursor: Option<String>,
+}
+
+/// A checked page request: how many rows, and where to continue.
+#[derive(Debug, Clone)]
+pub struct Page<P> {
+    pub limit: i64,
+    pub after: Option<P>,
 }
 
 impl PageParams {
-    /// Checks the limit and opens the cursor (its payload, still to be parsed by the list).
-    pub fn check(&self) -> Result<Page, ApiError> {
-        let limit = match self.limit.as_deref() {
-            None => limits::PAGE_DEFAULT,
-            Some(raw) => match raw.parse::<i64>() {
-                Ok(n) if (1..=limits::PAGE_MAX).contains(&n) => n,
-                _ => {
-                    return Err(ApiError::field(
-                        "limit",
-                        format!("must be a whole number from 1 to {}", limits::PAGE_MAX),
-                    ));
-                }
+    /// Checks the limit and reads the cursor: the position to continue below.
+    pub fn check(&self) -> Result<Page<i64>, ApiError> {
+        Ok(Page {
+            limit: check_limit(self.limit.as_deref())?,
+            after: match self.cursor.as_deref() {
+                None | Some("") => None,
+                Some(raw) => Some(parse_seq(raw).ok_or_else(bad_cursor)?),
             },
-        };
-        let cursor = match self.cursor.as_deref() {
+        })
+    }
+}
+
+impl TimePageParams {
+    /// Checks the limit and reads the cursor: the `(created_at, id)` to continue below.
+    pub fn check(&self) -> Result<Page<(DateTime<Utc>, Uuid)>, ApiError> {
+        time_page(self.limit.as_deref(), self.cursor.as_deref())
+    }
+}
+
+/// A `(created_at, id)` page from raw `limit` and `cursor` values.
+pub fn time_page(
+    limit: Option<&str>,
+    cursor: Option<&str>,
+) -> Result<Page<(DateTime<Utc>, Uuid)>, ApiError> {
+    Ok(Page {
+        limit: check_limit(limit)?,
+        after: match cursor {
             None | Some("") => None,
-            Some(raw) => Some(open_cursor(raw)?),
-        };
-        Ok(Page { limit, cursor })
+            Some(raw) => Some(parse_time_id(raw).ok_or_else(bad_cursor)?),
+        },
+    })
+}
+
+fn check_limit(raw: Option<&str>) -> Result<i64, ApiError> {
+    match raw {
+        None => Ok(limits::PAGE_DEFAULT),
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(n)
+                if (1..=limits::PAGE_MAX).contains(&n)
+                    && raw.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                Ok(n)
+            }
+            _ => Err(ApiError::field(
+                "limit",
+                format!("must be a whole number from 1 to {}", limits::PAGE_MAX),
+            )),
+        },
     }
 }
 
-const CURSOR_PREFIX: &str = "c1:";
-
-/// Wraps a list position into an opaque cursor.
-pub fn seal_cursor(position: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{CURSOR_PREFIX}{position}"))
-}
-
-fn open_cursor(raw: &str) -> Result<String, ApiError> {
-    let invalid = || ApiError::field("cursor", "not a cursor returned by this list");
-    if raw.len() > 200 {
-        return Err(invalid());
+fn parse_seq(raw: &str) -> Option<i64> {
+    if raw.len() > 18 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
-    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    text.strip_prefix(CURSOR_PREFIX)
-        .map(str::to_owned)
-        .ok_or_else(invalid)
+    raw.parse().ok()
 }
 
-/// The position of a row in a list ordered by `(created_at desc, id desc)`.
-pub fn time_id_position(at: &chrono::DateTime<chrono::Utc>, id: &uuid::Uuid) -> String {
-    format!(
-        "{}|{id}",
-        at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    )
+/// The cursor of a row in a list ordered by `(created_at desc, id desc)`.
+pub fn time_id_cursor(at: &DateTime<Utc>, id: &Uuid) -> String {
+    format!("{}-{}", at.timestamp_micros(), id.simple())
 }
 
-/// Reads a position written by [`time_id_position`].
-pub fn parse_time_id(
-    position: &str,
-) -> Result<(chrono::DateTime<chrono::Utc>, uuid::Uuid), ApiError> {
-    let (at, id) = position.split_once('|').ok_or_else(bad_cursor)?;
-    let at = chrono::DateTime::parse_from_rfc3339(at).map_err(|_| bad_cursor())?;
-    Ok((
-        at.with_timezone(&chrono::Utc),
-        uuid::Uuid::parse_str(id).map_err(|_| bad_cursor())?,
-    ))
+fn parse_time_id(raw: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let (micros, id) = raw.split_once('-')?;
+    if micros.is_empty()
+        || micros.len() > 16
+        || !micros.bytes().all(|b| b.is_ascii_digit())
+        || id.len() != 32
+        || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    Some((at, Uuid::try_parse(id).ok()?))
 }
 
-/// The error for a cursor whose payload does not parse.
+/// The error for a cursor this service did not hand out.
 pub fn bad_cursor() -> ApiError {
     ApiError::field("cursor", "not a cursor returned by this list")
 }
@@ -205,12 +291,13 @@ pub struct List<T> {
 }
 
 impl<T> List<T> {
-    /// Builds a page from up to `limit + 1` rows: the extra row only says there is more.
+    /// Builds a page from up to `limit + 1` rows: the extra row only says there is more. The
+    /// cursor is the last row's position, as `position` writes it.
     pub fn from_rows(mut rows: Vec<T>, limit: i64, position: impl Fn(&T) -> String) -> Self {
         let more = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
         let next_cursor = if more {
-            rows.last().map(|r| seal_cursor(&position(r)))
+            rows.last().map(position)
         } else {
             None
         };

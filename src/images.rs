@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, Problem};
-use crate::extract::{ApiQuery, IdPath, List, PageParams, parse_time_id, time_id_position};
+use crate::extract::{ApiQuery, IdPath, List, TimePageParams, time_id_cursor};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -51,7 +51,7 @@ pub struct Image {
     path = "/v1/me/images",
     tag = "images",
     security(("bearer" = [])),
-    params(PageParams),
+    params(TimePageParams),
     responses(
         (status = 200, body = List<Image>),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -61,10 +61,10 @@ pub struct Image {
 pub async fn list_images(
     State(state): State<AppState>,
     user: AuthUser,
-    ApiQuery(params): ApiQuery<PageParams>,
+    ApiQuery(params): ApiQuery<TimePageParams>,
 ) -> ApiResult<Json<List<Image>>> {
     let page = params.check()?;
-    let after = page.cursor.as_deref().map(parse_time_id).transpose()?;
+    let after = page.after;
     // One round trip, as the user under RLS (see the user reads migration).
     let rows = sqlx::query_as!(
         Image,
@@ -80,7 +80,7 @@ pub async fn list_images(
     .fetch_all(&state.pool)
     .await?;
     Ok(Json(List::from_rows(rows, page.limit, |i| {
-        time_id_position(&i.created_at, &i.id)
+        time_id_cursor(&i.created_at, &i.id)
     })))
 }
 

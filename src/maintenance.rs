@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 
 use crate::auth::AdminCaller;
 use crate::error::{ApiResult, Problem};
-use crate::extract::{ApiQuery, List, PageParams, bad_cursor};
+use crate::extract::{ApiQuery, List, PageParams};
 use crate::state::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -142,16 +142,12 @@ pub async fn list_runs(
     ApiQuery(params): ApiQuery<PageParams>,
 ) -> ApiResult<Json<List<MaintenanceRun>>> {
     let page = params.check()?;
-    let before: Option<i64> = match &page.cursor {
-        None => None,
-        Some(position) => Some(position.parse().map_err(|_| bad_cursor())?),
-    };
     let rows = sqlx::query_as!(
         MaintenanceRun,
         "select id, task, started_at, finished_at, outcome, findings from public.maintenance_runs
           where ($1::bigint is null or id < $1)
           order by id desc limit $2",
-        before,
+        page.after,
         page.limit + 1,
     )
     .fetch_all(&state.pool)

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::auth::AdminCaller;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::extract::{ApiJson, IdPath, List};
+use crate::extract::{ApiJson, IdPath, List, check_line, is_blank};
 use crate::limits;
 use crate::state::AppState;
 
@@ -121,19 +121,12 @@ pub async fn put_pack(
 ) -> ApiResult<Json<AdminCreditPack>> {
     let p = body.value;
     let mut errors = Vec::new();
-    let name = p.name.trim().to_owned();
-    if name.is_empty()
-        || name.chars().count() > limits::PACK_NAME_CHARS
-        || name.chars().any(char::is_control)
-    {
-        errors.push(FieldError::new(
-            "name",
-            format!(
-                "1 to {} characters, no control characters",
-                limits::PACK_NAME_CHARS
-            ),
-        ));
+    // Checked as given; stored trimmed.
+    check_line(&mut errors, "name", &p.name, limits::PACK_NAME_CHARS);
+    if is_blank(&p.name) {
+        errors.push(FieldError::new("name", "is required"));
     }
+    let name = p.name.trim().to_owned();
     if !(1..=limits::PACK_CREDITS_MAX).contains(&p.credits) {
         errors.push(FieldError::new(
             "credits",

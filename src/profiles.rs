@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, check_line, is_http_url};
 use crate::limits;
 use crate::state::AppState;
 
@@ -177,41 +177,30 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Change, D::Error> {
 impl ProfileUpdate {
     fn check(self) -> Result<(Change, Change), ApiError> {
         let mut errors = Vec::new();
-        let display_name = self.display_name.map(|v| {
-            v.map(|s| s.trim().to_owned()).filter(|s| {
-                let n = s.chars().count();
-                if n > limits::DISPLAY_NAME_CHARS {
-                    errors.push(FieldError::new(
-                        "display_name",
-                        format!("at most {} characters", limits::DISPLAY_NAME_CHARS),
-                    ));
-                }
-                if s.chars().any(char::is_control) {
-                    errors.push(FieldError::new(
-                        "display_name",
-                        "must not contain control characters",
-                    ));
-                }
-                n > 0
-            })
-        });
-        let avatar_url = self.avatar_url.map(|v| {
-            v.inspect(|s| {
-                let scheme_ok = s.starts_with("https://") || s.starts_with("http://");
-                if !scheme_ok
-                    || s.chars().count() > limits::URL_CHARS
-                    || s.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
-                    errors.push(FieldError::new(
-                        "avatar_url",
-                        format!(
-                            "must be an http(s) URL of at most {} characters",
-                            limits::URL_CHARS
-                        ),
-                    ));
-                }
-            })
-        });
+        // Checked as given; stored trimmed, and a blank name clears it.
+        if let Some(Some(name)) = &self.display_name {
+            check_line(
+                &mut errors,
+                "display_name",
+                name,
+                limits::DISPLAY_NAME_CHARS,
+            );
+        }
+        let display_name = self
+            .display_name
+            .map(|v| v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()));
+        if let Some(Some(url)) = &self.avatar_url
+            && (!is_http_url(url) || url.chars().count() > limits::URL_CHARS)
+        {
+            errors.push(FieldError::new(
+                "avatar_url",
+                format!(
+                    "must be an http(s) URL of at most {} characters",
+                    limits::URL_CHARS
+                ),
+            ));
+        }
+        let avatar_url = self.avatar_url;
         if errors.is_empty() {
             Ok((display_name, avatar_url))
         } else {

@@ -43,14 +43,16 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     (api_router, api)
 }
 
-/// The complete OpenAPI document, as served at `/openapi.json`.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().1
+/// The complete OpenAPI document, as served at `/openapi.json` and committed as
+/// `docs/openapi.json`.
+pub fn openapi() -> serde_json::Value {
+    let generated = serde_json::to_value(routes().1).expect("the document serializes");
+    openapi::exact(generated)
 }
 
 /// The whole service: routes, documentation and the layers every request goes through.
 pub fn app(state: AppState) -> Router {
-    let (routes, api) = routes();
+    let (routes, _) = routes();
     let v1_layers = routes
         .layer(middleware::from_fn_with_state(
             state.rate_limiter.clone(),
@@ -65,7 +67,7 @@ pub fn app(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
     Router::new()
         .merge(v1_layers)
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
+        .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", openapi()))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(run_to_completion))

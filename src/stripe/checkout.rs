@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::client::StripeApiError;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, is_http_url};
 use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::limits;
 use crate::packs::PackKind;
@@ -74,10 +74,30 @@ pub async fn create_session(
     OriginalUri(uri): OriginalUri,
     body: ApiJson<CheckoutRequest>,
 ) -> ApiResult<Response> {
+    let request = body.value;
+    // The form of the input first: a bad request is the caller's to fix, configured or not.
+    let mut errors = Vec::new();
+    for (field, url) in [
+        ("success_url", &request.success_url),
+        ("cancel_url", &request.cancel_url),
+    ] {
+        if let Some(url) = url
+            && (!is_http_url(url) || url.chars().count() > limits::URL_CHARS)
+        {
+            errors.push(FieldError::new(
+                field,
+                format!(
+                    "must be an http(s) URL of at most {} characters",
+                    limits::URL_CHARS
+                ),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
     let client = state.stripe.as_ref().ok_or(ApiError::StripeNotConfigured)?;
     let stripe = &state.config.stripe;
-    let request = body.value;
-    let mut errors = Vec::new();
     let success_url = redirect(
         "success_url",
         request.success_url,

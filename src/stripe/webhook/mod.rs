@@ -33,6 +33,7 @@ use uuid::Uuid;
 
 use super::signature::{self, SignatureError};
 use crate::error::{ApiError, ApiResult, Problem};
+use crate::extract::whole_numbers_as_integers;
 use crate::limits;
 use crate::state::AppState;
 
@@ -52,7 +53,7 @@ pub struct WebhookReceipt {
     path = "/v1/webhooks/stripe",
     tag = "stripe",
     params(("Stripe-Signature" = String, Header, description = "t=<unix time>,v1=<hex HMAC-SHA256>")),
-    request_body(content = Object, description = "A Stripe event", content_type = "application/json"),
+    request_body(content = StripeEvent, description = "A Stripe event", content_type = "application/json"),
     responses(
         (status = 200, body = WebhookReceipt),
         (status = 400, description = "Bad signature (`invalid_signature`)", body = Problem, content_type = "application/problem+json"),
@@ -94,17 +95,14 @@ pub async fn receive(
         return Err(ApiError::InvalidSignature);
     }
 
-    let event: Event = serde_json::from_slice(&body)
+    let payload: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::field("body", format!("not JSON: {e}")))?;
+    let event: StripeEvent = serde_json::from_value(whole_numbers_as_integers(payload.clone()))
         .map_err(|e| ApiError::field("body", format!("not a Stripe event: {e}")))?;
-    let payload: Value = serde_json::from_slice(&body).map_err(|e| ApiError::Internal(e.into()))?;
-    if !(1..=limits::STRIPE_ID_CHARS).contains(&event.id.len())
-        || !(1..=limits::STRIPE_ID_CHARS).contains(&event.kind.len())
-    {
-        return Err(ApiError::field(
-            "body",
-            "not a Stripe event: id and type must be 1 to 255 characters",
-        ));
-    }
+    // Kept for the record; PostgreSQL's jsonb cannot hold a NUL character, which Stripe never
+    // sends, so any is replaced rather than failing the delivery.
+    let payload = without_nul(payload);
+    event.check()?;
 
     // Anything to ask Stripe is asked before the transaction opens: no row lock or pooled
     // connection is held while Stripe answers.
@@ -198,7 +196,7 @@ struct Lookups {
 }
 
 impl Lookups {
-    async fn gather(state: &AppState, event: &Event) -> Self {
+    async fn gather(state: &AppState, event: &StripeEvent) -> Self {
         Lookups {
             invoice_payment: subscriptions::look_up_payment(state.stripe.as_ref(), event).await,
         }
@@ -229,11 +227,15 @@ fn record(kind: &str, outcome: &'static str) {
         .increment(1);
 }
 
-#[derive(Debug, Deserialize)]
-struct Event {
+/// A Stripe event, as far as this service reads it (Stripe sends more fields).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct StripeEvent {
+    /// `evt_…`
     id: String,
+    /// Such as `checkout.session.completed`.
     #[serde(rename = "type")]
     kind: String,
+    /// Unix time.
     created: Option<i64>,
     api_version: Option<String>,
     #[serde(default)]
@@ -241,9 +243,47 @@ struct Event {
     data: EventData,
 }
 
-#[derive(Debug, Deserialize)]
-struct EventData {
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct EventData {
+    /// The object the event is about.
+    #[schema(value_type = Object)]
     object: Value,
+}
+
+/// Latest `created` accepted: the end of year 9999, as far as timestamps go.
+const LATEST_CREATED: i64 = 253_402_300_799;
+
+impl StripeEvent {
+    /// What the events table can hold and Stripe sends: ids of letters, digits and `_`,
+    /// types of lower-case letters, digits, `.` and `_`, a creation time within range.
+    fn check(&self) -> Result<(), ApiError> {
+        let id_ok = (1..=limits::STRIPE_ID_CHARS).contains(&self.id.len())
+            && self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let type_ok = (1..=limits::STRIPE_ID_CHARS).contains(&self.kind.len())
+            && self
+                .kind
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_');
+        let created_ok = self
+            .created
+            .is_none_or(|c| (0..=LATEST_CREATED).contains(&c));
+        let version_ok = self.api_version.as_ref().is_none_or(|v| {
+            v.len() <= limits::STRIPE_ID_CHARS && v.bytes().all(|b| b.is_ascii_graphic())
+        });
+        if id_ok && type_ok && created_ok && version_ok && self.data.object.is_object() {
+            Ok(())
+        } else {
+            Err(ApiError::field(
+                "body",
+                "not a Stripe event: an id of letters, digits and _, a type of lower-case \
+                 letters, digits, . and _ (each 1 to 255 characters), a Unix time, an API \
+                 version of visible characters and an object in data",
+            ))
+        }
+    }
 }
 
 enum Handled {
@@ -271,13 +311,13 @@ impl From<sqlx::Error> for Failure {
 
 type Outcome = Result<Handled, Failure>;
 
-fn object<T: DeserializeOwned>(event: &Event) -> Result<T, Failure> {
+fn object<T: DeserializeOwned>(event: &StripeEvent) -> Result<T, Failure> {
     serde_json::from_value(event.data.object.clone())
         .map_err(|e| Failure::Permanent(format!("malformed {} object: {e}", event.kind)))
 }
 
 /// Hands the event to its family's handler.
-async fn dispatch(conn: &mut PgConnection, event: &Event, lookups: &Lookups) -> Outcome {
+async fn dispatch(conn: &mut PgConnection, event: &StripeEvent, lookups: &Lookups) -> Outcome {
     match event.kind.as_str() {
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
             purchases::checkout_paid(conn, event, object(event)?).await
@@ -308,6 +348,27 @@ fn id_of(value: &Option<Value>) -> Option<String> {
 
 fn user_from(text: Option<&String>) -> Option<Uuid> {
     text.and_then(|t| Uuid::parse_str(t).ok())
+}
+
+/// `value` with every NUL character in its strings and keys replaced by U+FFFD.
+fn without_nul(value: Value) -> Value {
+    let clean = |s: String| {
+        if s.contains('\0') {
+            s.replace('\0', "\u{fffd}")
+        } else {
+            s
+        }
+    };
+    match value {
+        Value::String(s) => Value::String(clean(s)),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nul).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (clean(k), without_nul(v)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 /// Links the Stripe customer to the user, unless another profile holds it already.

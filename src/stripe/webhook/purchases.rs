@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{Event, Failure, Handled, Outcome, clamp, id_of, remember_customer, user_from};
+use super::{Failure, Handled, Outcome, StripeEvent, clamp, id_of, remember_customer, user_from};
 use crate::telemetry;
 
 #[derive(Debug, Deserialize)]
@@ -28,7 +28,7 @@ pub(super) struct CheckoutSessionObject {
 
 pub(super) async fn checkout_paid(
     conn: &mut PgConnection,
-    event: &Event,
+    event: &StripeEvent,
     session: CheckoutSessionObject,
 ) -> Outcome {
     let user = user_from(session.client_reference_id.as_ref()).ok_or_else(|| {

@@ -12,7 +12,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{
-    Event, Failure, Handled, Outcome, StripeList, clamp, id_of, object, remember_customer,
+    Failure, Handled, Outcome, StripeEvent, StripeList, clamp, id_of, object, remember_customer,
     user_from,
 };
 use crate::stripe::client::StripeClient;
@@ -27,7 +27,7 @@ pub(super) type PaymentLink = Result<(Option<String>, Option<String>), String>;
 /// nothing to look up, or no key to look it up with.
 pub(super) async fn look_up_payment(
     stripe: Option<&StripeClient>,
-    event: &Event,
+    event: &StripeEvent,
 ) -> Option<PaymentLink> {
     if event.kind != "invoice.paid" {
         return None;
@@ -94,7 +94,7 @@ async fn subscriber(
 
 pub(super) async fn subscription_changed(
     conn: &mut PgConnection,
-    event: &Event,
+    event: &StripeEvent,
     sub: SubscriptionObject,
 ) -> Outcome {
     let customer = id_of(&sub.customer);
@@ -251,7 +251,7 @@ impl InvoiceObject {
 
 pub(super) async fn invoice_paid(
     conn: &mut PgConnection,
-    event: &Event,
+    event: &StripeEvent,
     invoice: InvoiceObject,
     payment_link: &Option<PaymentLink>,
 ) -> Outcome {
