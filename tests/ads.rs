@@ -1,5 +1,6 @@
 mod common;
 
+use chrono::{DateTime, Utc};
 use common::{TestApp, all_at_once, test_config};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -79,7 +80,13 @@ async fn the_eleventh_ad_view_of_the_day_is_refused_with_retry_after(
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1..=86_400).contains(&retry_after), "{retry_after}");
+    // The ad day is the database's UTC day: the wait is until its next midnight, as the
+    // database's clock sees it (the clock moves on between the two, by a second or so).
+    let until_midnight = seconds_to_next_utc_midnight(&app).await;
+    assert!(
+        retry_after.abs_diff(until_midnight) <= 2,
+        "Retry-After {retry_after}, next UTC midnight in {until_midnight} s"
+    );
     assert_eq!(app.balance(user.id).await, 20);
     assert_eq!(
         app.count(
@@ -93,6 +100,63 @@ async fn the_eleventh_ad_view_of_the_day_is_refused_with_retry_after(
     let me = app.get("/v1/me", Some(&user.token)).await;
     assert_eq!(me.body["ads"]["views_today"], 10);
     assert_eq!(me.body["ads"]["views_remaining"], 0);
+}
+
+/// Seconds from the database's now to the next midnight UTC, rounded up.
+async fn seconds_to_next_utc_midnight(app: &TestApp) -> u64 {
+    sqlx::query_scalar::<_, i64>(
+        "select ceil(extract(epoch from
+                   date_trunc('day', now() at time zone 'utc') + interval '1 day'
+                   - (now() at time zone 'utc')))::bigint",
+    )
+    .fetch_one(&app.owner)
+    .await
+    .unwrap() as u64
+}
+
+/// The next midnight UTC by the database's clock.
+async fn next_utc_midnight(app: &TestApp) -> DateTime<Utc> {
+    sqlx::query_scalar(
+        "select (date_trunc('day', now() at time zone 'utc') + interval '1 day') at time zone 'utc'",
+    )
+    .fetch_one(&app.owner)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn the_ad_day_resets_at_the_databases_next_utc_midnight(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let before = next_utc_midnight(&app).await;
+
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    let view = app
+        .post(
+            "/v1/ads/views",
+            Some(&user.token),
+            json!({"duration_seconds": 20}),
+        )
+        .await;
+
+    let after = next_utc_midnight(&app).await;
+    assert_eq!(me.status, 200);
+    assert_eq!(view.status, 201);
+    for resets_at in [&me.body["ads"]["resets_at"], &view.body["resets_at"]] {
+        let resets_at: DateTime<Utc> = resets_at
+            .as_str()
+            .unwrap()
+            .parse()
+            .expect("resets_at is an RFC 3339 time");
+        // Either midnight, should the day have turned between the two reads.
+        assert!(
+            resets_at == before || resets_at == after,
+            "resets_at {resets_at}, next UTC midnight {before}"
+        );
+    }
 }
 
 #[sqlx::test]

@@ -30,8 +30,16 @@ async fn spending_takes_credits_and_records_the_transaction(
     assert_eq!(tx["source"], "spend");
     assert_eq!(tx["description"], "Image");
     assert_eq!(tx["reference"], "img_1");
-    assert!(tx["id"].as_str().unwrap().parse::<uuid::Uuid>().is_ok());
     assert_eq!(app.balance(user.id).await, 7);
+    // The answer is the row the spend wrote.
+    let written: uuid::Uuid = sqlx::query_scalar(
+        "select id from public.credit_transactions where user_id = $1 and source = 'spend'",
+    )
+    .bind(user.id)
+    .fetch_one(&app.owner)
+    .await
+    .unwrap();
+    assert_eq!(tx["id"], written.to_string());
 }
 
 #[sqlx::test]
@@ -102,14 +110,28 @@ async fn concurrent_spends_never_overdraw_the_balance(
         vec![1, 8, 15, 22, 29, 36, 43],
         "each success saw its own balance"
     );
-    let min: i32 = sqlx::query_scalar(
-        "select min(balance_after) from public.credit_transactions where user_id = $1",
+    // The ledger holds the grant and exactly the seven spends, in the order their balances
+    // were computed.
+    let ledger: Vec<(i32, i32)> = sqlx::query_as(
+        "select amount, balance_after from public.credit_transactions where user_id = $1 order by seq",
     )
     .bind(user.id)
-    .fetch_one(&app.owner)
+    .fetch_all(&app.owner)
     .await
     .unwrap();
-    assert!(min >= 0);
+    assert_eq!(
+        ledger,
+        vec![
+            (50, 50),
+            (-7, 43),
+            (-7, 36),
+            (-7, 29),
+            (-7, 22),
+            (-7, 15),
+            (-7, 8),
+            (-7, 1)
+        ]
+    );
 }
 
 #[sqlx::test]

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use amethyst_credits::maintenance::{self, Archival, Task};
+use common::binary::{Binary, Database, sample};
 use common::{TestApp, service_role_key};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -366,16 +367,94 @@ async fn admins_read_the_maintenance_runs(pool: PgPoolOptions, connect: PgConnec
             .status,
         403
     );
-    // The server refreshes these gauges in the background (a scrape never queries).
-    amethyst_credits::operations::refresh_maintenance_gauges(&app.state.pool)
+}
+
+#[tokio::test]
+async fn serve_publishes_each_tasks_last_run_as_gauges() {
+    let database = Database::fresh();
+    database.migrate();
+    let weekly = database.verb(&["maintenance", "weekly"]);
+    assert!(
+        weekly.status.success(),
+        "{}",
+        String::from_utf8_lossy(&weekly.stderr)
+    );
+    // A balance that disagrees with its ledger: the daily run has findings.
+    let owner = database.owner().await;
+    let user = Uuid::new_v4();
+    sqlx::query("insert into auth.users (id, email) values ($1, 'gauges@example.com')")
+        .bind(user)
+        .execute(&owner)
         .await
         .unwrap();
-    let metrics = app.get("/metrics", None).await;
-    let text = metrics.body.as_str().unwrap();
+    sqlx::query("select public.add_credits($1, 3, 'system')")
+        .bind(user)
+        .execute(&owner)
+        .await
+        .unwrap();
+    sqlx::query("update public.profiles set credits = 4 where id = $1")
+        .bind(user)
+        .execute(&owner)
+        .await
+        .unwrap();
+    let daily = database.verb(&["maintenance", "daily"]);
+    assert!(!daily.status.success(), "the daily run has findings");
+    let finished: Vec<(String, f64)> = sqlx::query_as(
+        "select task, extract(epoch from finished_at)::float8 from public.maintenance_runs order by task",
+    )
+    .fetch_all(&owner)
+    .await
+    .unwrap();
+    owner.close().await;
+
+    // The server reads the runs when it starts, then every minute, in the background.
+    let server = Binary::serve_on(database, &[]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = server.scrape().await;
+        if text.contains("maintenance_last_run_outcome{") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no maintenance gauge after 20 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    for (series, value) in [
+        (
+            r#"maintenance_last_run_outcome{task="daily",outcome="findings"}"#,
+            1.0,
+        ),
+        (
+            r#"maintenance_last_run_outcome{task="daily",outcome="ok"}"#,
+            0.0,
+        ),
+        (
+            r#"maintenance_last_run_outcome{task="weekly",outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"maintenance_last_run_outcome{task="weekly",outcome="findings"}"#,
+            0.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+    }
     assert!(
-        text.contains(r#"maintenance_last_run_outcome{task="weekly",outcome="ok"} 1"#),
-        "{text}"
+        !text.contains(r#"task="monthly""#),
+        "monthly never ran:\n{text}"
     );
+    assert_eq!(finished.len(), 2);
+    for (task, at) in &finished {
+        let series = format!(r#"maintenance_last_run_timestamp_seconds{{task="{task}"}}"#);
+        let published = sample(&text, &series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+        assert!(
+            (published - at).abs() < 0.001,
+            "{series}: {published} ≠ {at}"
+        );
+    }
 }
 
 #[sqlx::test]

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use axum::http::Method;
+use common::binary::{Binary, sample};
 use common::{TestApp, request, test_config};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -32,39 +33,356 @@ async fn health_and_readiness(pool: PgPoolOptions, connect: PgConnectOptions) {
     assert_eq!(behind.body["status"], "migrations pending");
 }
 
+/// POSTs JSON to a server of its own with a bearer token; answers the status.
+async fn post(server: &Binary, path: &str, token: &str, body: Value) -> u16 {
+    server
+        .request(reqwest::Method::POST, path)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("the server answers")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn metrics_count_exactly_the_requests_and_credits_of_this_server() {
+    let server = Binary::serve(&[]).await;
+    let user = server.user().await;
+    server.grant(user.id, 10).await;
+
+    assert_eq!(
+        post(
+            &server,
+            "/v1/credits/spend",
+            &user.token,
+            json!({"amount": 3})
+        )
+        .await,
+        201
+    );
+    assert_eq!(
+        post(
+            &server,
+            "/v1/ads/views",
+            &user.token,
+            json!({"duration_seconds": 30})
+        )
+        .await,
+        201
+    );
+    let text = server.scrape().await;
+
+    for (series, value) in [
+        (
+            r#"http_requests_total{method="POST",route="/v1/credits/spend",status="201"}"#,
+            1.0,
+        ),
+        (
+            r#"http_requests_total{method="POST",route="/v1/ads/views",status="201"}"#,
+            1.0,
+        ),
+        (
+            r#"http_request_duration_seconds_count{method="POST",route="/v1/credits/spend"}"#,
+            1.0,
+        ),
+        (r#"credits_spent_total{source="spend"}"#, 3.0),
+        (r#"credits_granted_total{source="ad_view"}"#, 2.0),
+        (r#"ad_views_total{outcome="accepted"}"#, 1.0),
+        // DATABASE_MAX_CONNECTIONS=5 for these servers.
+        ("db_pool_max_connections", 5.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+    }
+    // The grant went through SQL, not through the service: nothing counted it.
+    assert_eq!(
+        sample(&text, r#"credits_granted_total{source="system"}"#),
+        None
+    );
+    assert!(sample(&text, r#"db_pool_connections{state="idle"}"#).is_some());
+    assert!(text.contains("# HELP credits_granted_total"), "{text}");
+    assert!(!text.contains(&user.id.to_string()), "no per-user series");
+
+    // Another spend moves the counters by exactly its own amount.
+    assert_eq!(
+        post(
+            &server,
+            "/v1/credits/spend",
+            &user.token,
+            json!({"amount": 2})
+        )
+        .await,
+        201
+    );
+    let text = server.scrape().await;
+    assert_eq!(
+        sample(&text, r#"credits_spent_total{source="spend"}"#),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"http_requests_total{method="POST",route="/v1/credits/spend",status="201"}"#
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn requests_are_counted_by_a_closed_set_of_methods_and_by_route_template() {
+    let server = Binary::serve(&[]).await;
+    let someone = uuid::Uuid::new_v4();
+
+    for method in ["PROPFIND", "FOO"] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let answer = server.request(method, "/health").send().await.unwrap();
+        assert_eq!(answer.status(), 405);
+    }
+    let lookup = server
+        .request(reqwest::Method::GET, &format!("/v1/admin/users/{someone}"))
+        .bearer_auth(common::service_role_key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lookup.status(), 404);
+    let nowhere = server
+        .request(reqwest::Method::GET, &format!("/v1/nowhere/{someone}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nowhere.status(), 404);
+    let text = server.scrape().await;
+
+    for (series, value) in [
+        (
+            r#"http_requests_total{method="other",route="/health",status="405"}"#,
+            2.0,
+        ),
+        (
+            r#"http_requests_total{method="GET",route="/v1/admin/users/{id}",status="404"}"#,
+            1.0,
+        ),
+        (
+            r#"http_requests_total{method="GET",route="unmatched",status="404"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+    }
+    for leaked in [someone.to_string().as_str(), "PROPFIND", "FOO", "nowhere"] {
+        assert!(!text.contains(leaked), "{leaked} is in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_distinct_unknown_paths_and_methods_add_no_series() {
+    let server = Binary::serve(&[]).await;
+    let send = |method: &str, path: String| {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let request = server.request(method, &path);
+        async move {
+            let status = request.send().await.expect("the server answers").status();
+            assert_eq!(status, 404, "{path}");
+        }
+    };
+    // Every series these requests can reach exists before counting: an unknown path by GET
+    // and by an unknown method, and the scrape itself.
+    send("GET", "/warm-up".to_owned()).await;
+    send("WARMUP", "/warm-up".to_owned()).await;
+    server.scrape().await;
+    let before = server.scrape().await;
+
+    for i in 0..500 {
+        send("GET", format!("/v1/probe-{i}/{}", uuid::Uuid::new_v4())).await;
+        send(&format!("VERB{i}"), format!("/x/{i}")).await;
+    }
+    let after = server.scrape().await;
+
+    assert_eq!(
+        after.lines().count(),
+        before.lines().count(),
+        "series were added:\n{after}"
+    );
+    // They were counted, under the two series that were already there.
+    assert_eq!(
+        sample(
+            &after,
+            r#"http_requests_total{method="GET",route="unmatched",status="404"}"#
+        ),
+        Some(501.0)
+    );
+    assert_eq!(
+        sample(
+            &after,
+            r#"http_requests_total{method="other",route="unmatched",status="404"}"#
+        ),
+        Some(501.0)
+    );
+}
+
+#[tokio::test]
+async fn metrics_bind_addr_serves_metrics_apart_and_the_main_address_answers_404() {
+    let server = Binary::serve(&[
+        ("METRICS_BIND_ADDR", "127.0.0.1:0"),
+        ("METRICS_TOKEN", "scrape-secret"),
+    ])
+    .await;
+    let metrics_url = server
+        .metrics_url
+        .clone()
+        .expect("the metrics address is logged");
+    assert_ne!(metrics_url, server.url);
+
+    for token in [None, Some("scrape-secret")] {
+        let mut request = server.request(reqwest::Method::GET, "/metrics");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let answer = request.send().await.unwrap();
+        assert_eq!(answer.status(), 404, "token {token:?}");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["code"], "not_found");
+    }
+    let apart = |token: Option<&str>| {
+        let mut request = server.client.get(format!("{metrics_url}/metrics"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(apart(None).await.unwrap().status(), 401);
+    assert_eq!(apart(Some("not-it")).await.unwrap().status(), 401);
+    let scraped = apart(Some("scrape-secret")).await.unwrap();
+    assert_eq!(scraped.status(), 200);
+    let text = scraped.text().await.unwrap();
+    // The two refusals on the main address, counted there; scrapes apart are not requests
+    // of the API.
+    assert_eq!(
+        sample(
+            &text,
+            r#"http_requests_total{method="GET",route="/metrics",status="404"}"#
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    let other = server
+        .client
+        .get(format!("{metrics_url}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404, "only /metrics is served apart");
+    let health = server
+        .request(reqwest::Method::GET, "/health")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}
+
 #[sqlx::test]
-async fn metrics_count_requests_and_credits_by_source(
+async fn metrics_token_must_come_as_the_bearer_token(
     pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let app = TestApp::new(pool, connect).await;
+    let _ = pool;
+    let mut config = test_config();
+    config.metrics.token = Some(amethyst_credits::config::Secret::new("scrape-secret"));
+    let app = TestApp::with_config(connect, config).await;
     let user = app.user().await;
-    app.grant(user.id, 10).await;
-    app.post("/v1/credits/spend", Some(&user.token), json!({"amount": 3}))
-        .await;
-    app.post(
-        "/v1/ads/views",
-        Some(&user.token),
-        json!({"duration_seconds": 30}),
-    )
-    .await;
+    let scrape = |authorization: Option<&str>| {
+        let headers: Vec<(&str, &str)> = authorization
+            .map(|value| vec![("authorization", value)])
+            .unwrap_or_default();
+        app.send(request(Method::GET, "/metrics", None, None, &headers))
+    };
 
-    let metrics = app.get("/metrics", None).await;
-
-    assert_eq!(metrics.status, 200);
-    let text = metrics.body.as_str().unwrap();
-    for expected in [
-        r#"http_requests_total{method="POST",route="/v1/credits/spend",status="201"}"#,
-        r#"http_request_duration_seconds_bucket{method="POST",route="/v1/credits/spend""#,
-        r#"credits_spent_total{source="spend"}"#,
-        r#"credits_granted_total{source="ad_view"}"#,
-        r#"ad_views_total{outcome="accepted"}"#,
-        r#"db_pool_connections{state="idle"}"#,
-        "# HELP credits_granted_total",
+    for authorization in [
+        None,
+        Some("Bearer not-it"),
+        Some("Bearer scrape-secre"),
+        Some("Bearer scrape-secretx"),
+        Some("Basic scrape-secret"),
+        Some("scrape-secret"),
     ] {
-        assert!(text.contains(expected), "missing {expected} in\n{text}");
+        let refused = scrape(authorization).await;
+        assert_eq!(refused.status, 401, "{authorization:?}");
+        assert_eq!(refused.code(), "invalid_token", "{authorization:?}");
     }
-    assert!(!text.contains(&user.id.to_string()), "no per-user series");
+    let with_a_user_token = app.get("/metrics", Some(&user.token)).await;
+    assert_eq!(with_a_user_token.status, 401);
+
+    let scraped = scrape(Some("Bearer scrape-secret")).await;
+    assert_eq!(scraped.status, 200);
+    assert!(
+        scraped
+            .body
+            .as_str()
+            .unwrap()
+            .contains("# TYPE db_pool_max_connections gauge")
+    );
+    // The other operations routes stay open.
+    assert_eq!(app.get("/health", None).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_scrape_never_asks_the_database_for_anything() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    // A "database" that counts the connections made to it and closes each at once.
+    let database = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = database.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = database.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    let pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy_with(
+            PgConnectOptions::new()
+                .host("127.0.0.1")
+                .port(port)
+                .username("postgres")
+                .database("none"),
+        );
+    let app = amethyst_credits::app(amethyst_credits::AppState::new(test_config(), pool));
+    let get = |path: &'static str| {
+        let app = app.clone();
+        async move {
+            let response =
+                tower::ServiceExt::oneshot(app, request(Method::GET, path, None, None, &[]))
+                    .await
+                    .unwrap();
+            response.status().as_u16()
+        }
+    };
+
+    for _ in 0..20 {
+        assert_eq!(get("/metrics").await, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "a scrape connected to the database"
+    );
+
+    // The counter sees a route that does ask: readiness.
+    assert_eq!(get("/ready").await, 503);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while connections.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readiness never reached the counting listener"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[sqlx::test]

@@ -8,7 +8,60 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The newest PostgreSQL major version installed the Debian way (`/usr/lib/postgresql/<major>`
+/// with an `initdb`), else the one `pg_config` names: scripts/test installs pg_cron for the
+/// newest.
+fn pg_major() -> String {
+    newest_major_with_initdb(Path::new("/usr/lib/postgresql"))
+        .or_else(|| {
+            let output = Command::new("pg_config").arg("--version").output().ok()?;
+            // "PostgreSQL 15.20 (Debian 15.20-0+deb12u1)"
+            let text = String::from_utf8(output.stdout).ok()?;
+            let version = text.split_whitespace().nth(1)?;
+            Some(version.split('.').next()?.to_owned())
+        })
+        .expect("no PostgreSQL found under /usr/lib/postgresql nor through pg_config")
+}
+
+/// Numerically newest (`16` after `9.6`), among the versions that have `bin/initdb`.
+fn newest_major_with_initdb(root: &Path) -> Option<String> {
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.path().join("bin/initdb").is_file())
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter_map(|name| {
+            let key: Vec<u32> = name
+                .split('.')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            Some((key, name))
+        })
+        .max()
+        .map(|(_, name)| name)
+}
+
+fn pg_bin(program: &str) -> String {
+    format!("/usr/lib/postgresql/{}/bin/{program}", pg_major())
+}
+
+#[test]
+fn the_newest_installed_postgresql_with_initdb_is_the_one_used() {
+    let root =
+        std::env::temp_dir().join(format!("amethyst-pg-lib-{}", uuid::Uuid::new_v4().simple()));
+    for (version, has_initdb) in [("9.6", true), ("14", true), ("15", true), ("17", false)] {
+        let bin = root.join(version).join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        if has_initdb {
+            std::fs::write(bin.join("initdb"), "").unwrap();
+        }
+    }
+    let chosen = newest_major_with_initdb(&root);
+    std::fs::remove_dir_all(&root).unwrap();
+    assert_eq!(chosen.as_deref(), Some("15"));
+    assert_eq!(newest_major_with_initdb(&root), None, "nothing installed");
+}
 
 struct Cluster {
     dir: PathBuf,
@@ -17,9 +70,13 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        let major = pg_major();
         assert!(
-            Path::new("/usr/share/postgresql/15/extension/pg_cron.control").exists(),
-            "pg_cron is not installed: scripts/test installs Debian's postgresql-15-cron"
+            Path::new(&format!(
+                "/usr/share/postgresql/{major}/extension/pg_cron.control"
+            ))
+            .exists(),
+            "pg_cron is not installed: scripts/test installs Debian's postgresql-{major}-cron"
         );
         let dir = std::env::temp_dir().join(format!(
             "amethyst-pg-cron-{}",
@@ -54,7 +111,7 @@ impl Cluster {
         }
         let data = dir.join("data");
         let initdb = as_postgres(
-            &format!("{PG_BIN}/initdb"),
+            &pg_bin("initdb"),
             &[
                 "-D",
                 data.to_str().unwrap(),
@@ -78,7 +135,7 @@ impl Cluster {
             dir.display()
         );
         let start = as_postgres(
-            &format!("{PG_BIN}/pg_ctl"),
+            &pg_bin("pg_ctl"),
             &[
                 "-D",
                 data.to_str().unwrap(),
@@ -118,10 +175,10 @@ impl Drop for Cluster {
         let data = self.dir.join("data");
         let mut stop = if is_root() {
             let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl")]);
+            c.args(["-u", "postgres", "--", &pg_bin("pg_ctl")]);
             c
         } else {
-            Command::new(format!("{PG_BIN}/pg_ctl"))
+            Command::new(pg_bin("pg_ctl"))
         };
         let _ = stop
             .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])

@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use common::binary::{Binary, sample};
 use common::stripe::{
     self as fake, FakeStripe, OLD_WEBHOOK_SECRET, WEBHOOK_SECRET, charge, checkout_session,
     dispute, event, event_id, invoice_basil, invoice_classic, signature_header_at, stripe_config,
@@ -48,6 +49,18 @@ async fn grants(app: &TestApp, user: Uuid) -> i64 {
         user,
     )
     .await
+}
+
+/// The user's ledger rows written by Checkout grants: (amount, reference).
+async fn stripe_ledger(app: &TestApp, user: Uuid) -> Vec<(i32, Option<String>)> {
+    sqlx::query_as(
+        "select amount, reference from public.credit_transactions
+          where user_id = $1 and source = 'stripe' order by seq",
+    )
+    .bind(user)
+    .fetch_all(&app.owner)
+    .await
+    .unwrap()
 }
 
 async fn event_status(app: &TestApp, id: &str) -> (String, Option<String>, i32) {
@@ -173,7 +186,7 @@ async fn the_same_event_delivered_fifty_times_at_once_and_five_in_a_row_grants_o
     let (app, _stripe) = stripe_app(connect).await;
     let user = app.user().await;
     let pack = new_pack(&app, 100, "one_time", "price_100").await;
-    let (_, _, session) = paid_session(&user, pack, 100);
+    let (session_id, _, session) = paid_session(&user, pack, 100);
     let delivery = event(&event_id(), "checkout.session.completed", session);
     let server = Arc::new(app.serve());
 
@@ -196,7 +209,11 @@ async fn the_same_event_delivered_fifty_times_at_once_and_five_in_a_row_grants_o
         .count();
     assert_eq!(firsts, 1, "exactly one delivery is not a duplicate");
     assert_eq!(app.balance(user.id).await, 100);
-    assert_eq!(grants(&app, user.id).await, 1);
+    // One ledger row (the unique key of stripe_grants alone cannot say that).
+    assert_eq!(
+        stripe_ledger(&app, user.id).await,
+        vec![(100, Some(session_id))]
+    );
 }
 
 #[sqlx::test]
@@ -244,7 +261,10 @@ async fn completed_and_async_succeeded_for_one_session_grant_once(
     );
 
     assert_eq!(app.balance(user.id).await, 50);
-    assert_eq!(grants(&app, user.id).await, 1);
+    assert_eq!(
+        stripe_ledger(&app, user.id).await,
+        vec![(50, Some(session))]
+    );
 }
 
 #[sqlx::test]
@@ -536,14 +556,63 @@ async fn a_dispute_takes_back_the_disputed_share(pool: PgPoolOptions, connect: P
     assert_eq!(app.balance(user.id).await, 0);
     let refund = app.count("select count(*) from public.credit_transactions where user_id = $1 and source = 'refund'", user.id).await;
     assert_eq!(refund, 1);
-    let metrics = app.get("/metrics", None).await;
-    assert!(
-        metrics
-            .body
-            .as_str()
-            .unwrap()
-            .contains(r#"credits_spent_total{source="refund"}"#)
-    );
+}
+
+#[tokio::test]
+async fn a_dispute_counts_the_credits_it_takes_back_in_the_refund_metric() {
+    let server = Binary::serve(&[("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)]).await;
+    let user = server.user().await;
+    let pack = Uuid::new_v4();
+    let created = server
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/admin/credit-packs/{pack}"),
+        )
+        .bearer_auth(service_role_key())
+        .json(
+            &json!({"name": "100 credits", "credits": 100, "kind": "one_time",
+                      "stripe_price_id": "price_metric", "unit_amount": 999,
+                      "currency": "usd", "active": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let deliver = |delivery: Value| {
+        let body = delivery.to_string();
+        server
+            .request(reqwest::Method::POST, "/v1/webhooks/stripe")
+            .header("content-type", "application/json")
+            .header("stripe-signature", fake::signature_header(&body))
+            .body(body)
+            .send()
+    };
+    let (_, payment_intent, session) = paid_session(&user, pack, 100);
+
+    let granted = deliver(event(&event_id(), "checkout.session.completed", session))
+        .await
+        .unwrap();
+    assert_eq!(granted.status(), 200);
+    let disputed = deliver(event(
+        &event_id(),
+        "charge.dispute.created",
+        dispute("dp_metric", "ch_metric", &payment_intent, 999),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(disputed.status(), 200);
+    let text = server.scrape().await;
+
+    for (series, value) in [
+        (r#"credits_granted_total{source="stripe"}"#, 100.0),
+        (r#"credits_spent_total{source="refund"}"#, 100.0),
+        (
+            r#"stripe_webhook_events_total{type="charge.dispute.created",outcome="processed"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+    }
 }
 
 #[sqlx::test]

@@ -394,3 +394,72 @@ async fn unknown_routes_and_methods_answer_problems(
     assert_eq!(wrong.code(), "method_not_allowed");
     assert_eq!(wrong.headers["content-type"], "application/problem+json");
 }
+
+/// The largest length a CHECK constraint's definition allows `column`, when it sets one:
+/// `char_length(column) <= N`, as PostgreSQL prints both `<=` and `BETWEEN`.
+fn max_length(definition: &str, column: &str) -> Option<usize> {
+    [
+        format!("char_length({column}) <= "),
+        format!("char_length(\"{column}\") <= "),
+    ]
+    .iter()
+    .find_map(|prefix| {
+        let rest = &definition[definition.find(prefix.as_str())? + prefix.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    })
+}
+
+#[sqlx::test]
+async fn the_length_limits_are_the_ones_the_database_checks(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    use amethyst_credits::limits;
+    let app = TestApp::new(pool, connect).await;
+
+    let mut disagreements = Vec::new();
+    for (table, column, limit) in [
+        (
+            "credit_transactions",
+            "description",
+            limits::DESCRIPTION_CHARS,
+        ),
+        ("credit_transactions", "reference", limits::REFERENCE_CHARS),
+        ("ad_views", "ad_unit_id", limits::AD_UNIT_CHARS),
+        ("ad_views", "provider", limits::AD_PROVIDER_CHARS),
+        ("profiles", "display_name", limits::DISPLAY_NAME_CHARS),
+        ("profiles", "avatar_url", limits::URL_CHARS),
+        ("credit_packs", "name", limits::PACK_NAME_CHARS),
+        ("credit_packs", "stripe_price_id", limits::STRIPE_ID_CHARS),
+        ("stripe_events", "id", limits::STRIPE_ID_CHARS),
+        ("stripe_events", "type", limits::STRIPE_ID_CHARS),
+        ("stripe_grants", "stripe_object_id", limits::STRIPE_ID_CHARS),
+        ("stripe_charges", "id", limits::STRIPE_ID_CHARS),
+        ("idempotency_keys", "key", limits::IDEMPOTENCY_KEY_CHARS),
+    ] {
+        // The CHECK constraints of the migrated table that concern this column alone.
+        let definitions: Vec<String> = sqlx::query_scalar(
+            "select pg_get_constraintdef(c.oid)
+               from pg_constraint c
+               join pg_attribute a on a.attrelid = c.conrelid and a.attnum = any (c.conkey)
+              where c.contype = 'c' and c.conrelid = ('public.' || $1)::regclass
+                and a.attname = $2 and cardinality(c.conkey) = 1",
+        )
+        .bind(table)
+        .bind(column)
+        .fetch_all(&app.owner)
+        .await
+        .unwrap();
+        let in_database: Vec<usize> = definitions
+            .iter()
+            .filter_map(|definition| max_length(definition, column))
+            .collect();
+        if in_database != [limit] {
+            disagreements.push(format!(
+                "{table}.{column}: limits.rs says {limit}, the database {in_database:?} ({definitions:?})"
+            ));
+        }
+    }
+    assert!(disagreements.is_empty(), "{disagreements:#?}");
+}

@@ -3,6 +3,7 @@
 //! that need requests handled in parallel.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod stripe;
 
 use std::net::SocketAddr;
