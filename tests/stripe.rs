@@ -1032,3 +1032,65 @@ async fn a_renewal_whose_payment_stripe_cannot_name_yet_is_retried(
         "no grant that a refund could never find"
     );
 }
+
+// Test and live mode --------------------------------------------------------------------------
+
+fn in_mode(mut delivery: Value, livemode: bool) -> Value {
+    delivery["livemode"] = json!(livemode);
+    delivery["data"]["object"]["livemode"] = json!(livemode);
+    delivery
+}
+
+#[sqlx::test]
+async fn an_event_of_the_other_mode_than_the_key_is_rejected_and_grants_nothing(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, stripe) = stripe_app(connect.clone()).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_modes").await;
+
+    // A test-mode key: a live event is refused.
+    let (_, _, session) = paid_session(&user, pack, 100);
+    let id = event_id();
+    let live = in_mode(event(&id, "checkout.session.completed", session), true);
+    let answer = app.webhook(&live).await;
+    assert_eq!(answer.status, 200, "answered so that Stripe stops");
+    assert_eq!(answer.body["duplicate"], false);
+    let (status, error, _) = event_status(&app, &id).await;
+    assert_eq!(status, "rejected");
+    assert!(error.unwrap().contains("live-mode event"));
+    assert_eq!(app.webhook(&live).await.body["duplicate"], true);
+    assert_eq!(app.balance(user.id).await, 0);
+    assert_eq!(grants(&app, user.id).await, 0);
+    assert!(
+        stripe.requests().is_empty(),
+        "Stripe is not asked about a refused event"
+    );
+
+    // A live key: a test event is refused, a live one granted.
+    let mut config = stripe_config(&stripe.url);
+    config.stripe.secret_key = Some(amethyst_credits::config::Secret::new("sk_live_amethyst"));
+    let live_app = TestApp::with_config(connect, config).await;
+    let (_, _, session) = paid_session(&user, pack, 100);
+    let id = event_id();
+    live_app
+        .webhook(&in_mode(
+            event(&id, "checkout.session.completed", session),
+            false,
+        ))
+        .await;
+    let (status, error, _) = event_status(&live_app, &id).await;
+    assert_eq!(status, "rejected");
+    assert!(error.unwrap().contains("test-mode event"));
+    assert_eq!(live_app.balance(user.id).await, 0);
+    let (_, _, session) = paid_session(&user, pack, 100);
+    live_app
+        .webhook(&in_mode(
+            event(&event_id(), "checkout.session.completed", session),
+            true,
+        ))
+        .await;
+    assert_eq!(live_app.balance(user.id).await, 100);
+}

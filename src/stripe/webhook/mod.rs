@@ -7,8 +7,9 @@
 //! payment (`checkout.session.completed`, `…async_payment_succeeded`) grant once between them.
 //!
 //! A handler failure that a retry may cure (an unknown user, a database error) is recorded as
-//! `failed` and answered with a 503 so that Stripe retries; a malformed object is recorded as
-//! `rejected` and answered with a 200 so that it is not retried for days.
+//! `failed` and answered with a 503 so that Stripe retries; a malformed object, or an event of
+//! the other mode than the secret key's (test or live), is recorded as `rejected` and answered
+//! with a 200 so that it is not retried for days.
 //!
 //! This module receives, verifies, claims and dispatches; each family of events is handled in
 //! a module of its own: [`purchases`] (Checkout), [`refunds`] (refunds and disputes) and
@@ -106,9 +107,27 @@ pub async fn receive(
         ));
     }
 
+    // An event of the other mode than the key's (a test event at a live deployment, or the
+    // reverse) is recorded and refused, never acted on. Without a key there is no mode to hold
+    // events to.
+    let wrong_mode = state
+        .stripe
+        .as_ref()
+        .filter(|stripe| stripe.livemode() != event.livemode)
+        .map(|stripe| {
+            format!(
+                "a {} event, but STRIPE_SECRET_KEY is a {} key: refused",
+                mode_name(event.livemode),
+                mode_name(stripe.livemode())
+            )
+        });
+
     // Anything to ask Stripe is asked before the transaction opens: no row lock or pooled
     // connection is held while Stripe answers.
-    let lookups = Lookups::gather(&state, &event).await;
+    let lookups = match wrong_mode {
+        None => Lookups::gather(&state, &event).await,
+        Some(_) => Lookups::default(),
+    };
 
     let mut tx = state.pool.begin().await?;
     // Claim the event: a new id, or one whose earlier handling failed. A concurrent delivery
@@ -142,7 +161,9 @@ pub async fn receive(
 
     // The handler runs inside a savepoint: whatever it did is undone if it fails, while the
     // outcome is still recorded on the event row.
-    let outcome = {
+    let outcome = if let Some(why) = wrong_mode {
+        Err(Failure::Permanent(why))
+    } else {
         let mut savepoint = (&mut *tx).begin().await?;
         let outcome = dispatch(&mut savepoint, &event, &lookups).await;
         if outcome.is_ok() {
@@ -177,7 +198,7 @@ pub async fn receive(
             duplicate: false,
         })),
         Err(Failure::Permanent(why)) => {
-            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "rejected a malformed Stripe event");
+            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "rejected a Stripe event");
             Ok(Json(WebhookReceipt {
                 received: true,
                 duplicate: false,
@@ -190,8 +211,13 @@ pub async fn receive(
     }
 }
 
+fn mode_name(livemode: bool) -> &'static str {
+    if livemode { "live-mode" } else { "test-mode" }
+}
+
 /// What Stripe's API is asked about an event before its transaction opens, so that no row lock
 /// or pooled connection is held while Stripe answers.
+#[derive(Default)]
 struct Lookups {
     /// For `invoice.paid`: the payment that paid the invoice.
     invoice_payment: Option<subscriptions::PaymentLink>,
