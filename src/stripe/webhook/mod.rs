@@ -221,12 +221,16 @@ fn mode_name(livemode: bool) -> &'static str {
 struct Lookups {
     /// For `invoice.paid`: the payment that paid the invoice.
     invoice_payment: Option<subscriptions::PaymentLink>,
+    /// For a paid Checkout Session: the charge of its payment intent, when Stripe could say.
+    checkout_charge: Option<String>,
 }
 
 impl Lookups {
     async fn gather(state: &AppState, event: &Event) -> Self {
+        let stripe = state.stripe.as_ref();
         Lookups {
-            invoice_payment: subscriptions::look_up_payment(state.stripe.as_ref(), event).await,
+            invoice_payment: subscriptions::look_up_payment(stripe, event).await,
+            checkout_charge: purchases::look_up_charge(stripe, event).await,
         }
     }
 }
@@ -239,6 +243,8 @@ const HANDLED_TYPES: &[&str] = &[
     "checkout.session.async_payment_failed",
     "charge.refunded",
     "charge.dispute.created",
+    "charge.dispute.closed",
+    "charge.dispute.funds_reinstated",
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
@@ -306,11 +312,15 @@ fn object<T: DeserializeOwned>(event: &Event) -> Result<T, Failure> {
 async fn dispatch(conn: &mut PgConnection, event: &Event, lookups: &Lookups) -> Outcome {
     match event.kind.as_str() {
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
-            purchases::checkout_paid(conn, event, object(event)?).await
+            purchases::checkout_paid(conn, event, object(event)?, &lookups.checkout_charge).await
         }
         "checkout.session.async_payment_failed" => purchases::checkout_failed(object(event)?),
         "charge.refunded" => refunds::charge_refunded(conn, object(event)?).await,
         "charge.dispute.created" => refunds::dispute_created(conn, object(event)?).await,
+        "charge.dispute.closed" => refunds::dispute_closed(conn, object(event)?).await,
+        "charge.dispute.funds_reinstated" => {
+            refunds::dispute_funds_reinstated(conn, object(event)?).await
+        }
         "customer.subscription.created"
         | "customer.subscription.updated"
         | "customer.subscription.deleted" => {
