@@ -54,6 +54,8 @@ pub struct AdminCreditPack {
     pub unit_amount: i32,
     pub currency: String,
     pub active: bool,
+    /// Whether a payment of 0 (a trial invoice, a 100 % coupon) still grants the credits.
+    pub grants_when_free: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -96,6 +98,10 @@ pub struct PackRequest {
     /// Three-letter ISO 4217 code.
     pub currency: String,
     pub active: bool,
+    /// Whether a payment of 0 (a trial invoice, a 100 % coupon) still grants the credits.
+    /// Optional, false when left out.
+    #[serde(default)]
+    pub grants_when_free: bool,
 }
 
 /// Creates or replaces a pack.
@@ -171,14 +177,16 @@ pub async fn put_pack(
     let result = sqlx::query_as!(
         AdminCreditPack,
         r#"insert into public.credit_packs
-             (id, name, credits, kind, stripe_price_id, unit_amount, currency, active)
-           values ($1, $2, $3, $4, $5, $6, $7, $8)
+             (id, name, credits, kind, stripe_price_id, unit_amount, currency, active,
+              grants_when_free)
+           values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
            on conflict (id) do update
               set name = excluded.name, credits = excluded.credits, kind = excluded.kind,
                   stripe_price_id = excluded.stripe_price_id, unit_amount = excluded.unit_amount,
-                  currency = excluded.currency, active = excluded.active
+                  currency = excluded.currency, active = excluded.active,
+                  grants_when_free = excluded.grants_when_free
            returning id, name, credits, kind as "kind: PackKind", stripe_price_id, unit_amount,
-                     currency, active, created_at, updated_at"#,
+                     currency, active, grants_when_free, created_at, updated_at"#,
         id,
         &name,
         p.credits as i32,
@@ -187,6 +195,7 @@ pub async fn put_pack(
         p.unit_amount as i32,
         &currency,
         p.active,
+        p.grants_when_free,
     )
     .fetch_one(&state.pool)
     .await;

@@ -396,8 +396,13 @@ async fn the_whole_purchase_flow_from_pack_to_refunds_and_renewals(
         )
         .await;
     assert_eq!(again.status, 201);
-    assert_eq!(stripe.requests()[1].field("customer"), Some("cus_Flow123"));
-    assert_eq!(stripe.requests()[1].field("customer_email"), None);
+    let sessions: Vec<_> = stripe
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/v1/checkout/sessions")
+        .collect();
+    assert_eq!(sessions[1].field("customer"), Some("cus_Flow123"));
+    assert_eq!(sessions[1].field("customer_email"), None);
 
     // The user spends 70; a partial refund takes back 40 % of the pack.
     app.post(
@@ -951,7 +956,7 @@ async fn a_refund_racing_its_grant_is_not_lost(pool: PgPoolOptions, connect: PgC
     // The refund's transaction records the charge and is still open when the grant runs.
     let mut refund = sqlx::PgConnection::connect_with(&connect).await.unwrap();
     let mut refund_tx = refund.begin().await.unwrap();
-    sqlx::query("select public.stripe_record_charge('ch_race', 'pi_race', 1000, 1000, 0)")
+    sqlx::query("select public.stripe_record_charge('ch_race', 'pi_race', 1000, 1000, 0, 0)")
         .execute(&mut *refund_tx)
         .await
         .unwrap();
@@ -1100,4 +1105,614 @@ async fn a_renewal_whose_payment_stripe_cannot_name_yet_is_retried(
         0,
         "no grant that a refund could never find"
     );
+}
+
+// Payments of 0 -------------------------------------------------------------------------------
+
+/// `PUT /v1/admin/credit-packs/{id}` with `body`.
+async fn put_pack(app: &TestApp, id: Uuid, body: Value) -> common::TestResponse {
+    app.send(request(
+        axum::http::Method::PUT,
+        &format!("/v1/admin/credit-packs/{id}"),
+        Some(&service_role_key()),
+        Some(body.to_string()),
+        &[],
+    ))
+    .await
+}
+
+/// A pack whose payments of 0 still grant its credits.
+async fn new_pack_granting_when_free(app: &TestApp, credits: i32, kind: &str, price: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    let response = put_pack(
+        app,
+        id,
+        json!({"name": format!("{credits} credits, free too"), "credits": credits, "kind": kind,
+               "stripe_price_id": price, "unit_amount": 999, "currency": "usd", "active": true,
+               "grants_when_free": true}),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{:?}", response.body);
+    assert_eq!(response.body["grants_when_free"], true);
+    id
+}
+
+#[sqlx::test]
+async fn a_pack_grants_when_free_only_when_an_admin_says_so(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let id = Uuid::new_v4();
+    let body = json!({"name": "Starter", "credits": 10, "kind": "one_time",
+                      "stripe_price_id": "price_starter", "unit_amount": 0, "currency": "usd",
+                      "active": true});
+
+    let created = put_pack(&app, id, body.clone()).await;
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    assert_eq!(created.body["grants_when_free"], false, "left out: false");
+
+    let mut granting = body.clone();
+    granting["grants_when_free"] = json!(true);
+    let replaced = put_pack(&app, id, granting).await;
+    assert_eq!(replaced.body["grants_when_free"], true);
+
+    let replaced_whole = put_pack(&app, id, body).await;
+    assert_eq!(
+        replaced_whole.body["grants_when_free"], false,
+        "a PUT replaces the pack whole"
+    );
+    let mut wrong = json!({"name": "Starter", "credits": 10, "kind": "one_time",
+                           "unit_amount": 0, "currency": "usd", "active": true});
+    wrong["grants_when_free"] = json!("yes");
+    assert_eq!(put_pack(&app, id, wrong).await.status, 422);
+}
+
+#[sqlx::test]
+async fn a_checkout_that_paid_nothing_grants_nothing_unless_its_pack_grants_when_free(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_coupon").await;
+
+    // No payment required (a 100 % coupon), and a paid session whose total is 0.
+    let (_, _, mut free) = paid_session(&user, pack, 100);
+    free["payment_status"] = json!("no_payment_required");
+    free["amount_total"] = json!(0);
+    free["payment_intent"] = Value::Null;
+    let (_, _, mut zero) = paid_session(&user, pack, 100);
+    zero["amount_total"] = json!(0);
+    for object in [free, zero] {
+        let id = event_id();
+        let answer = app
+            .webhook(&event(&id, "checkout.session.completed", object))
+            .await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        assert_eq!(
+            event_status(&app, &id).await.0,
+            "processed",
+            "recorded as handled"
+        );
+    }
+    assert_eq!(
+        app.balance(user.id).await,
+        0,
+        "a payment of 0 grants nothing"
+    );
+    assert_eq!(grants(&app, user.id).await, 0);
+
+    let granting = new_pack_granting_when_free(&app, 40, "one_time", "price_trial_pack").await;
+    let (_, _, mut free) = paid_session(&user, granting, 40);
+    free["payment_status"] = json!("no_payment_required");
+    free["amount_total"] = json!(0);
+    free["payment_intent"] = Value::Null;
+    app.webhook(&event(&event_id(), "checkout.session.completed", free))
+        .await;
+    assert_eq!(app.balance(user.id).await, 40, "its pack grants when free");
+
+    let (_, _, paid) = paid_session(&user, pack, 100);
+    app.webhook(&event(&event_id(), "checkout.session.completed", paid))
+        .await;
+    assert_eq!(
+        app.balance(user.id).await,
+        140,
+        "a paid purchase still grants"
+    );
+}
+
+/// A subscription's first invoice during a free trial: nothing paid, no payment.
+fn trial_invoice(id: &str, customer: &str, subscription: &str, price: &str) -> Value {
+    let mut invoice = invoice_classic(
+        id,
+        customer,
+        subscription,
+        price,
+        "subscription_create",
+        "pi_unused",
+    );
+    invoice["amount_due"] = json!(0);
+    invoice["amount_paid"] = json!(0);
+    invoice["charge"] = Value::Null;
+    invoice["payment_intent"] = Value::Null;
+    invoice
+}
+
+#[sqlx::test]
+async fn a_trial_invoice_grants_nothing_unless_its_plan_grants_when_free(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let plan = new_pack(&app, 300, "subscription", "price_plan_trial").await;
+    let sub = "sub_trial_1";
+    app.webhook(&event(
+        &event_id(),
+        "customer.subscription.created",
+        subscription(
+            sub,
+            "cus_trial",
+            user.id,
+            plan,
+            "price_plan_trial",
+            "trialing",
+            1_900_000_000,
+        ),
+    ))
+    .await;
+
+    let id = event_id();
+    let answer = app
+        .webhook(&event(
+            &id,
+            "invoice.paid",
+            trial_invoice("in_trial_1", "cus_trial", sub, "price_plan_trial"),
+        ))
+        .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(event_status(&app, &id).await.0, "processed");
+    assert_eq!(app.balance(user.id).await, 0, "a trial grants nothing");
+    assert_eq!(grants(&app, user.id).await, 0);
+
+    new_pack_granting_when_free(&app, 50, "subscription", "price_plan_trial_granting").await;
+    app.webhook(&event(
+        &event_id(),
+        "invoice.paid",
+        trial_invoice(
+            "in_trial_2",
+            "cus_trial",
+            "sub_trial_2",
+            "price_plan_trial_granting",
+        ),
+    ))
+    .await;
+    assert_eq!(app.balance(user.id).await, 50, "this plan grants its trial");
+}
+
+// Won disputes --------------------------------------------------------------------------------
+
+/// A dispute of `charge` as Stripe sends it once closed, or once its funds are back.
+fn dispute_with(id: &str, charge: &str, payment_intent: &str, amount: i64, status: &str) -> Value {
+    let mut object = dispute(id, charge, payment_intent, amount);
+    object["status"] = json!(status);
+    object
+}
+
+/// Credits given back by won disputes, as the ledger shows them.
+async fn given_back(app: &TestApp, user: Uuid) -> i64 {
+    app.count(
+        "select count(*) from public.credit_transactions
+          where user_id = $1 and amount > 0 and description like 'Stripe dispute won%'",
+        user,
+    )
+    .await
+}
+
+async fn revoked_and_shortfall(app: &TestApp, payment_intent: &str) -> (i32, i32) {
+    sqlx::query_as(
+        "select credits_revoked, shortfall from public.stripe_grants where payment_intent = $1",
+    )
+    .bind(payment_intent)
+    .fetch_one(&app.owner)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn a_won_dispute_gives_back_what_it_took_once_in_either_order(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let pack = new_pack(&app, 100, "one_time", "price_won").await;
+
+    // Spent 70 of 100, then disputed whole: 30 taken, 70 short. Then the dispute is won:
+    // funds reinstated first, closed as won after, and each again.
+    let first = app.user().await;
+    let (_, first_pi, session) = paid_session(&first, pack, 100);
+    app.webhook(&event(&event_id(), "checkout.session.completed", session))
+        .await;
+    app.post(
+        "/v1/credits/spend",
+        Some(&first.token),
+        json!({"amount": 70}),
+    )
+    .await;
+    let ch = "ch_won_first";
+    app.webhook(&event(
+        &event_id(),
+        "charge.dispute.created",
+        dispute("dp_first", ch, &first_pi, 999),
+    ))
+    .await;
+    assert_eq!(app.balance(first.id).await, 0);
+    assert_eq!(revoked_and_shortfall(&app, &first_pi).await, (100, 70));
+
+    let reinstated = event(
+        &event_id(),
+        "charge.dispute.funds_reinstated",
+        dispute_with("dp_first", ch, &first_pi, 999, "won"),
+    );
+    let closed = event(
+        &event_id(),
+        "charge.dispute.closed",
+        dispute_with("dp_first", ch, &first_pi, 999, "won"),
+    );
+    for delivery in [&reinstated, &closed, &reinstated] {
+        assert_eq!(app.webhook(delivery).await.status, 200);
+    }
+    app.webhook(&event(
+        &event_id(),
+        "charge.dispute.closed",
+        dispute_with("dp_first", ch, &first_pi, 999, "won"),
+    ))
+    .await;
+    assert_eq!(
+        app.balance(first.id).await,
+        30,
+        "the 70 never taken are forgiven, the 30 taken come back"
+    );
+    assert_eq!(given_back(&app, first.id).await, 1);
+    assert_eq!(revoked_and_shortfall(&app, &first_pi).await, (0, 0));
+
+    // Disputed whole from a full balance, then closed as won before the funds event.
+    let second = app.user().await;
+    let (_, second_pi, session) = paid_session(&second, pack, 100);
+    app.webhook(&event(&event_id(), "checkout.session.completed", session))
+        .await;
+    let ch = "ch_won_second";
+    app.webhook(&event(
+        &event_id(),
+        "charge.dispute.created",
+        dispute("dp_second", ch, &second_pi, 999),
+    ))
+    .await;
+    assert_eq!(app.balance(second.id).await, 0);
+    for kind in ["charge.dispute.closed", "charge.dispute.funds_reinstated"] {
+        let answer = app
+            .webhook(&event(
+                &event_id(),
+                kind,
+                dispute_with("dp_second", ch, &second_pi, 999, "won"),
+            ))
+            .await;
+        assert_eq!(answer.status, 200, "{kind}: {:?}", answer.body);
+    }
+    assert_eq!(app.balance(second.id).await, 100);
+    assert_eq!(given_back(&app, second.id).await, 1);
+    let source: String = sqlx::query_scalar(
+        "select source from public.credit_transactions
+          where user_id = $1 and description like 'Stripe dispute won%'",
+    )
+    .bind(second.id)
+    .fetch_one(&app.owner)
+    .await
+    .unwrap();
+    assert_eq!(source, "stripe", "given back under the purchase's source");
+
+    // Won before Stripe's created event even arrived: nothing is taken at all.
+    let third = app.user().await;
+    let (_, third_pi, session) = paid_session(&third, pack, 100);
+    app.webhook(&event(&event_id(), "checkout.session.completed", session))
+        .await;
+    app.webhook(&event(
+        &event_id(),
+        "charge.dispute.closed",
+        dispute_with("dp_third", "ch_won_third", &third_pi, 999, "won"),
+    ))
+    .await;
+    app.webhook(&event(
+        &event_id(),
+        "charge.dispute.created",
+        dispute("dp_third", "ch_won_third", &third_pi, 999),
+    ))
+    .await;
+    assert_eq!(app.balance(third.id).await, 100);
+
+    let (passed, report) = verify(&app).await;
+    assert!(passed, "{report}");
+}
+
+#[sqlx::test]
+async fn a_won_dispute_announced_many_times_at_once_gives_back_once(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_won_race").await;
+    let (_, pi, session) = paid_session(&user, pack, 100);
+    app.webhook(&event(&event_id(), "checkout.session.completed", session))
+        .await;
+    app.webhook(&event(
+        &event_id(),
+        "charge.dispute.created",
+        dispute("dp_race", "ch_won_race", &pi, 999),
+    ))
+    .await;
+    assert_eq!(app.balance(user.id).await, 0);
+    let server = Arc::new(app.serve());
+
+    let results = all_at_once(20, |i| {
+        let server = server.clone();
+        let kind = if i % 2 == 0 {
+            "charge.dispute.closed"
+        } else {
+            "charge.dispute.funds_reinstated"
+        };
+        let delivery = event(
+            &event_id(),
+            kind,
+            dispute_with("dp_race", "ch_won_race", &pi, 999, "won"),
+        );
+        async move { server.webhook(&delivery).await }
+    })
+    .await;
+
+    assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
+    assert_eq!(app.balance(user.id).await, 100);
+    assert_eq!(given_back(&app, user.id).await, 1);
+    let (passed, report) = verify(&app).await;
+    assert!(passed, "{report}");
+}
+
+#[sqlx::test]
+async fn a_lost_dispute_changes_nothing(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_lost").await;
+    let (_, pi, session) = paid_session(&user, pack, 100);
+    app.webhook(&event(&event_id(), "checkout.session.completed", session))
+        .await;
+    app.webhook(&event(
+        &event_id(),
+        "charge.dispute.created",
+        dispute("dp_lost", "ch_lost", &pi, 999),
+    ))
+    .await;
+    app.grant(user.id, 5).await;
+
+    let id = event_id();
+    let answer = app
+        .webhook(&event(
+            &id,
+            "charge.dispute.closed",
+            dispute_with("dp_lost", "ch_lost", &pi, 999, "lost"),
+        ))
+        .await;
+
+    assert_eq!(answer.status, 200);
+    assert_eq!(event_status(&app, &id).await.0, "processed");
+    assert_eq!(app.balance(user.id).await, 5);
+    assert_eq!(given_back(&app, user.id).await, 0);
+    assert_eq!(revoked_and_shortfall(&app, &pi).await, (100, 0));
+}
+
+// Grants that know their charge ---------------------------------------------------------------
+
+async fn grant_charge(app: &TestApp, payment_intent: &str) -> Option<String> {
+    sqlx::query_scalar("select charge from public.stripe_grants where payment_intent = $1")
+        .bind(payment_intent)
+        .fetch_one(&app.owner)
+        .await
+        .unwrap()
+}
+
+/// A dispute naming its charge and no payment intent.
+fn dispute_of_charge(id: &str, charge: &str, amount: i64) -> Value {
+    let mut object = dispute(id, charge, "pi_unused", amount);
+    object["payment_intent"] = Value::Null;
+    object
+}
+
+#[sqlx::test]
+async fn a_dispute_naming_only_the_charge_finds_its_checkout_grant(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_charge_only").await;
+    let (_, pi, session) = paid_session(&user, pack, 100);
+
+    app.webhook(&event(&event_id(), "checkout.session.completed", session))
+        .await;
+    assert_eq!(app.balance(user.id).await, 100);
+    let lookups: Vec<_> = stripe
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/v1/payment_intents/"))
+        .collect();
+    assert_eq!(lookups.len(), 1, "{lookups:?}");
+    assert_eq!(lookups[0].path, format!("/v1/payment_intents/{pi}"));
+    assert_eq!(
+        lookups[0].authorization.as_deref(),
+        Some("Bearer sk_test_amethyst")
+    );
+    assert!(lookups[0].stripe_version.is_some());
+    assert_eq!(
+        grant_charge(&app, &pi).await,
+        Some(fake::charge_of(&pi)),
+        "the grant records its charge"
+    );
+
+    let disputed = app
+        .webhook(&event(
+            &event_id(),
+            "charge.dispute.created",
+            dispute_of_charge("dp_charge_only", &fake::charge_of(&pi), 999),
+        ))
+        .await;
+    assert_eq!(disputed.status, 200);
+    assert_eq!(app.balance(user.id).await, 0, "the dispute found the grant");
+}
+
+#[sqlx::test]
+async fn a_purchase_whose_charge_stripe_cannot_name_is_granted_and_learns_it_from_a_charge_event(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_unnamed").await;
+    let session = format!("cs_test_{}", Uuid::new_v4().simple());
+    let pi = format!("pi_missing_{}", Uuid::new_v4().simple());
+    let id = event_id();
+
+    let answer = app
+        .webhook(&event(
+            &id,
+            "checkout.session.completed",
+            checkout_session(&session, user.id, pack, 100, &pi, "paid"),
+        ))
+        .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(event_status(&app, &id).await.0, "processed");
+    assert_eq!(
+        app.balance(user.id).await,
+        100,
+        "granted without its charge"
+    );
+    assert_eq!(grant_charge(&app, &pi).await, None);
+
+    // A refund names both: the grant learns its charge, and a later dispute naming only the
+    // charge finds it.
+    let ch = "ch_learned";
+    app.webhook(&event(
+        &event_id(),
+        "charge.refunded",
+        charge(ch, &pi, 1000, 100),
+    ))
+    .await;
+    assert_eq!(app.balance(user.id).await, 90);
+    assert_eq!(grant_charge(&app, &pi).await.as_deref(), Some(ch));
+    app.webhook(&event(
+        &event_id(),
+        "charge.dispute.created",
+        dispute_of_charge("dp_learned", ch, 900),
+    ))
+    .await;
+    assert_eq!(app.balance(user.id).await, 0);
+    let (passed, report) = verify(&app).await;
+    assert!(passed, "{report}");
+}
+
+// Test and live mode --------------------------------------------------------------------------
+
+fn in_mode(mut delivery: Value, livemode: bool) -> Value {
+    delivery["livemode"] = json!(livemode);
+    delivery["data"]["object"]["livemode"] = json!(livemode);
+    delivery
+}
+
+#[sqlx::test]
+async fn an_event_of_the_other_mode_than_the_key_is_rejected_and_grants_nothing(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, stripe) = stripe_app(connect.clone()).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_modes").await;
+
+    // A test-mode key: a live event is refused.
+    let (_, _, session) = paid_session(&user, pack, 100);
+    let id = event_id();
+    let live = in_mode(event(&id, "checkout.session.completed", session), true);
+    let answer = app.webhook(&live).await;
+    assert_eq!(answer.status, 200, "answered so that Stripe stops");
+    assert_eq!(answer.body["duplicate"], false);
+    let (status, error, _) = event_status(&app, &id).await;
+    assert_eq!(status, "rejected");
+    assert!(error.unwrap().contains("live-mode event"));
+    assert_eq!(app.webhook(&live).await.body["duplicate"], true);
+    assert_eq!(app.balance(user.id).await, 0);
+    assert_eq!(grants(&app, user.id).await, 0);
+    assert!(
+        stripe.requests().is_empty(),
+        "Stripe is not asked about a refused event"
+    );
+
+    // A live key: a test event is refused, a live one granted.
+    let mut config = stripe_config(&stripe.url);
+    config.stripe.secret_key = Some(amethyst_credits::config::Secret::new("sk_live_amethyst"));
+    let live_app = TestApp::with_config(connect, config).await;
+    let (_, _, session) = paid_session(&user, pack, 100);
+    let id = event_id();
+    live_app
+        .webhook(&in_mode(
+            event(&id, "checkout.session.completed", session),
+            false,
+        ))
+        .await;
+    let (status, error, _) = event_status(&live_app, &id).await;
+    assert_eq!(status, "rejected");
+    assert!(error.unwrap().contains("test-mode event"));
+    assert_eq!(live_app.balance(user.id).await, 0);
+    let (_, _, session) = paid_session(&user, pack, 100);
+    live_app
+        .webhook(&in_mode(
+            event(&event_id(), "checkout.session.completed", session),
+            true,
+        ))
+        .await;
+    assert_eq!(live_app.balance(user.id).await, 100);
+}
+
+#[sqlx::test]
+async fn without_a_secret_key_purchases_of_either_mode_are_granted_without_a_lookup(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let stripe = FakeStripe::start().await;
+    let mut config = stripe_config(&stripe.url);
+    config.stripe.secret_key = None;
+    let app = TestApp::with_config(connect, config).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_keyless").await;
+
+    for livemode in [false, true] {
+        let (_, pi, session) = paid_session(&user, pack, 100);
+        let answer = app
+            .webhook(&in_mode(
+                event(&event_id(), "checkout.session.completed", session),
+                livemode,
+            ))
+            .await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        assert_eq!(grant_charge(&app, &pi).await, None);
+    }
+    assert_eq!(app.balance(user.id).await, 200);
+    assert!(stripe.requests().is_empty());
 }

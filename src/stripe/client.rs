@@ -1,8 +1,10 @@
-//! The one Stripe API call this service makes: creating a Checkout Session.
+//! Stripe's API as this service uses it: creating a Checkout Session, and looking up what paid
+//! an invoice or a payment intent.
 //!
 //! Form-encoded, `Authorization: Bearer <secret key>`, the API version pinned, an
-//! `Idempotency-Key` on every attempt (the caller's, or one of ours) so that retrying after a
-//! network error or a 5xx cannot create two sessions. Other answers are not retried.
+//! `Idempotency-Key` on every attempt of a creation (the caller's, or one of ours) so that
+//! retrying after a network error or a 5xx cannot create two sessions. Other answers are not
+//! retried.
 
 use std::time::Duration;
 
@@ -12,8 +14,25 @@ use crate::config::Secret;
 
 /// The Stripe API version this code is written against.
 pub const STRIPE_VERSION: &str = "2025-03-31.basil";
-const ATTEMPTS: u32 = 3;
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// How long a call may keep trying.
+#[derive(Clone, Copy)]
+struct Patience {
+    attempts: u32,
+    attempt_timeout: Duration,
+}
+
+/// For calls whose answer the caller cannot do without.
+const PERSISTENT: Patience = Patience {
+    attempts: 3,
+    attempt_timeout: Duration::from_secs(8),
+};
+
+/// For calls whose answer is only nice to have: one short try, never holding up the caller.
+const BRIEF: Patience = Patience {
+    attempts: 1,
+    attempt_timeout: Duration::from_secs(3),
+};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CreatedSession {
@@ -78,6 +97,7 @@ impl StripeClient {
                 "/v1/checkout/sessions",
                 Some(body),
                 Some(idempotency_key),
+                PERSISTENT,
             )
             .await?;
         parse(&answer)
@@ -98,6 +118,7 @@ impl StripeClient {
                 &format!("/v1/invoice_payments?{query}"),
                 None,
                 None,
+                PERSISTENT,
             )
             .await?;
         let list: PaymentList = parse(&answer)?;
@@ -109,18 +130,58 @@ impl StripeClient {
             .filter(|(intent, charge)| intent.is_some() || charge.is_some()))
     }
 
-    /// One API call with retries on network errors and 5xx (the same idempotency key on each
-    /// attempt); any other answer is final.
+    /// The charge that paid `payment_intent` (its `latest_charge`), if it has one. Checkout
+    /// Sessions name their payment intent but not its charge, and a dispute may name only the
+    /// charge. One brief attempt: the caller goes on without it.
+    pub async fn payment_intent_charge(
+        &self,
+        payment_intent: &str,
+    ) -> Result<Option<String>, StripeApiError> {
+        // The id goes into the path: only what Stripe's ids are made of.
+        if !payment_intent.starts_with("pi_")
+            || !payment_intent
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(StripeApiError::Refused {
+                status: 400,
+                message: "not a payment intent id".to_owned(),
+            });
+        }
+        let answer = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/payment_intents/{payment_intent}"),
+                None,
+                None,
+                BRIEF,
+            )
+            .await?;
+        let intent: PaymentIntent = parse(&answer)?;
+        Ok(match intent.latest_charge {
+            Some(serde_json::Value::String(id)) if !id.is_empty() => Some(id),
+            // Expanded: the charge object itself.
+            Some(serde_json::Value::Object(charge)) => charge
+                .get("id")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
+            _ => None,
+        })
+    }
+
+    /// One API call with retries on network errors and 5xx, as `patience` allows (the same
+    /// idempotency key on each attempt); any other answer is final.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         form: Option<String>,
         idempotency_key: Option<&str>,
+        patience: Patience,
     ) -> Result<Vec<u8>, StripeApiError> {
         let url = format!("{}{path}", self.api_base);
         let mut last_failure = String::new();
-        for attempt in 0..ATTEMPTS {
+        for attempt in 0..patience.attempts {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(250 * 3u64.pow(attempt - 1))).await;
             }
@@ -129,7 +190,7 @@ impl StripeClient {
                 .request(method.clone(), &url)
                 .bearer_auth(self.secret_key.expose())
                 .header("Stripe-Version", STRIPE_VERSION)
-                .timeout(ATTEMPT_TIMEOUT);
+                .timeout(patience.attempt_timeout);
             if let Some(key) = idempotency_key {
                 request = request.header("Idempotency-Key", key);
             }
@@ -193,6 +254,11 @@ struct PaymentList {
 struct InvoicePayment {
     status: Option<String>,
     payment: PaymentRef,
+}
+
+#[derive(Deserialize)]
+struct PaymentIntent {
+    latest_charge: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]

@@ -1,5 +1,6 @@
-//! A local stand-in for Stripe: its API (Checkout Sessions) over HTTP, and webhook events in
-//! Stripe's object shapes (field names as in Stripe's OpenAPI fixtures), signed as Stripe signs.
+//! A local stand-in for Stripe: its API (Checkout Sessions, invoice payments, payment intents)
+//! over HTTP, and webhook events in Stripe's object shapes (field names as in Stripe's OpenAPI
+//! fixtures), signed as Stripe signs.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -63,6 +64,10 @@ impl FakeStripe {
         let router = axum::Router::new()
             .route("/v1/checkout/sessions", axum::routing::post(create_session))
             .route("/v1/invoice_payments", axum::routing::get(invoice_payments))
+            .route(
+                "/v1/payment_intents/{id}",
+                axum::routing::get(payment_intent),
+            )
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -215,6 +220,76 @@ async fn invoice_payments(
         "url": "/v1/invoice_payments"
     }))
     .into_response()
+}
+
+/// `GET /v1/payment_intents/pi_…`: a succeeded payment intent whose latest charge is
+/// `ch_<the id without pi_>` (see [`charge_of`]). Stripe does not know ids starting with
+/// `pi_missing` (404, as Stripe answers them).
+async fn payment_intent(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    state.requests.lock().unwrap().push(Recorded {
+        path: format!("/v1/payment_intents/{id}"),
+        authorization: header("authorization"),
+        idempotency_key: header("idempotency-key"),
+        stripe_version: header("stripe-version"),
+        content_type: None,
+        form: Vec::new(),
+    });
+    if id.starts_with("pi_missing") {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": {
+                "code": "resource_missing",
+                "doc_url": "https://stripe.com/docs/error-codes/resource-missing",
+                "message": format!("No such payment_intent: '{id}'"),
+                "param": "intent",
+                "type": "invalid_request_error"
+            }})),
+        )
+            .into_response();
+    }
+    axum::Json(json!({
+        "id": id,
+        "object": "payment_intent",
+        "amount": 999,
+        "amount_capturable": 0,
+        "amount_received": 999,
+        "application": null,
+        "automatic_payment_methods": {"enabled": true},
+        "canceled_at": null,
+        "capture_method": "automatic",
+        "client_secret": format!("{id}_secret_vRcEaoMZkrLEvQ6mp0MIdKsRg"),
+        "confirmation_method": "automatic",
+        "created": 1_700_000_000,
+        "currency": "usd",
+        "customer": "cus_NZbFQAsc0ptasX",
+        "description": null,
+        "last_payment_error": null,
+        "latest_charge": charge_of(&id),
+        "livemode": false,
+        "metadata": {},
+        "next_action": null,
+        "payment_method": "pm_1MoRxGLgUG5tbmjcfQwEkNkb",
+        "payment_method_types": ["card"],
+        "receipt_email": null,
+        "setup_future_usage": null,
+        "status": "succeeded"
+    }))
+    .into_response()
+}
+
+/// The charge the fake API names as the latest of `payment_intent`.
+pub fn charge_of(payment_intent: &str) -> String {
+    format!("ch_{}", payment_intent.trim_start_matches("pi_"))
 }
 
 /// The test configuration plus Stripe's.

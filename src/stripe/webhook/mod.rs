@@ -7,8 +7,9 @@
 //! payment (`checkout.session.completed`, `…async_payment_succeeded`) grant once between them.
 //!
 //! A handler failure that a retry may cure (an unknown user, a database error) is recorded as
-//! `failed` and answered with a 503 so that Stripe retries; a malformed object is recorded as
-//! `rejected` and answered with a 200 so that it is not retried for days.
+//! `failed` and answered with a 503 so that Stripe retries; a malformed object, or an event of
+//! the other mode than the secret key's (test or live), is recorded as `rejected` and answered
+//! with a 200 so that it is not retried for days.
 //!
 //! This module receives, verifies, claims and dispatches; each family of events is handled in
 //! a module of its own: [`purchases`] (Checkout), [`refunds`] (refunds and disputes) and
@@ -104,9 +105,27 @@ pub async fn receive(
     let payload = without_nul(payload);
     event.check()?;
 
+    // An event of the other mode than the key's (a test event at a live deployment, or the
+    // reverse) is recorded and refused, never acted on. Without a key there is no mode to hold
+    // events to.
+    let wrong_mode = state
+        .stripe
+        .as_ref()
+        .filter(|stripe| stripe.livemode() != event.livemode)
+        .map(|stripe| {
+            format!(
+                "a {} event, but STRIPE_SECRET_KEY is a {} key: refused",
+                mode_name(event.livemode),
+                mode_name(stripe.livemode())
+            )
+        });
+
     // Anything to ask Stripe is asked before the transaction opens: no row lock or pooled
     // connection is held while Stripe answers.
-    let lookups = Lookups::gather(&state, &event).await;
+    let lookups = match wrong_mode {
+        None => Lookups::gather(&state, &event).await,
+        Some(_) => Lookups::default(),
+    };
 
     let mut tx = state.pool.begin().await?;
     // Claim the event: a new id, or one whose earlier handling failed. A concurrent delivery
@@ -140,7 +159,9 @@ pub async fn receive(
 
     // The handler runs inside a savepoint: whatever it did is undone if it fails, while the
     // outcome is still recorded on the event row.
-    let outcome = {
+    let outcome = if let Some(why) = wrong_mode {
+        Err(Failure::Permanent(why))
+    } else {
         let mut savepoint = (&mut *tx).begin().await?;
         let outcome = dispatch(&mut savepoint, &event, &lookups).await;
         if outcome.is_ok() {
@@ -175,7 +196,7 @@ pub async fn receive(
             duplicate: false,
         })),
         Err(Failure::Permanent(why)) => {
-            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "rejected a malformed Stripe event");
+            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "rejected a Stripe event");
             Ok(Json(WebhookReceipt {
                 received: true,
                 duplicate: false,
@@ -188,17 +209,26 @@ pub async fn receive(
     }
 }
 
+fn mode_name(livemode: bool) -> &'static str {
+    if livemode { "live-mode" } else { "test-mode" }
+}
+
 /// What Stripe's API is asked about an event before its transaction opens, so that no row lock
 /// or pooled connection is held while Stripe answers.
+#[derive(Default)]
 struct Lookups {
     /// For `invoice.paid`: the payment that paid the invoice.
     invoice_payment: Option<subscriptions::PaymentLink>,
+    /// For a paid Checkout Session: the charge of its payment intent, when Stripe could say.
+    checkout_charge: Option<String>,
 }
 
 impl Lookups {
     async fn gather(state: &AppState, event: &StripeEvent) -> Self {
+        let stripe = state.stripe.as_ref();
         Lookups {
-            invoice_payment: subscriptions::look_up_payment(state.stripe.as_ref(), event).await,
+            invoice_payment: subscriptions::look_up_payment(stripe, event).await,
+            checkout_charge: purchases::look_up_charge(stripe, event).await,
         }
     }
 }
@@ -211,6 +241,8 @@ const HANDLED_TYPES: &[&str] = &[
     "checkout.session.async_payment_failed",
     "charge.refunded",
     "charge.dispute.created",
+    "charge.dispute.closed",
+    "charge.dispute.funds_reinstated",
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
@@ -320,11 +352,15 @@ fn object<T: DeserializeOwned>(event: &StripeEvent) -> Result<T, Failure> {
 async fn dispatch(conn: &mut PgConnection, event: &StripeEvent, lookups: &Lookups) -> Outcome {
     match event.kind.as_str() {
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
-            purchases::checkout_paid(conn, event, object(event)?).await
+            purchases::checkout_paid(conn, event, object(event)?, &lookups.checkout_charge).await
         }
         "checkout.session.async_payment_failed" => purchases::checkout_failed(object(event)?),
         "charge.refunded" => refunds::charge_refunded(conn, object(event)?).await,
         "charge.dispute.created" => refunds::dispute_created(conn, object(event)?).await,
+        "charge.dispute.closed" => refunds::dispute_closed(conn, object(event)?).await,
+        "charge.dispute.funds_reinstated" => {
+            refunds::dispute_funds_reinstated(conn, object(event)?).await
+        }
         "customer.subscription.created"
         | "customer.subscription.updated"
         | "customer.subscription.deleted" => {

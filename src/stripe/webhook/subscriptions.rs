@@ -1,6 +1,7 @@
 //! Subscriptions and their invoices: `customer.subscription.*` keep the profile's subscription
 //! current (an older event never overwrites a newer one); each `invoice.paid` of a
-//! subscription's first or renewal invoice grants the plan's credits, once per invoice. Both
+//! subscription's first or renewal invoice grants the plan's credits, once per invoice (an
+//! invoice that paid 0 only if the plan grants when free). Both
 //! Stripe's classic shapes and those of API versions from 2025-03-31 are read.
 
 use std::collections::HashMap;
@@ -36,7 +37,20 @@ pub(super) async fn look_up_payment(
     if !invoice.grants_credits() || invoice.amount_paid <= 0 || invoice.payment_link().is_some() {
         return None;
     }
-    Some(match stripe?.invoice_payment(&invoice.id).await {
+    let stripe = stripe?;
+    Some(match stripe.invoice_payment(&invoice.id).await {
+        // Invoice payments name the payment intent; its charge is asked for too, so that a
+        // dispute naming only the charge finds the grant. Without it the grant still stands.
+        Ok(Some((Some(intent), None))) => {
+            let charge = stripe
+                .payment_intent_charge(&intent)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(invoice = %invoice.id, error = %e, "could not look up the charge of this invoice's payment");
+                    None
+                });
+            Ok((Some(intent), charge))
+        }
         Ok(Some(link)) => Ok(link),
         Ok(None) => Err(format!(
             "Stripe lists no paid payment for invoice {} yet",
@@ -318,6 +332,8 @@ pub(super) async fn invoice_paid(
     }
     let (payment_intent, charge) = match invoice.payment_link() {
         Some(link) => link,
+        // A trial or fully discounted invoice: no payment to know.
+        None if invoice.amount_paid <= 0 => (None, None),
         None => match payment_link {
             Some(Ok(link)) => link.clone(),
             Some(Err(why)) => return Err(Failure::Retry(why.clone())),
@@ -330,9 +346,9 @@ pub(super) async fn invoice_paid(
             }
         },
     };
-    let granted = sqlx::query_scalar!(
-        "select public.stripe_grant('invoice', $1, $2, $3, $4, $5, $6, $7, $8, 'subscription',
-                                    $9, $10)",
+    let outcome = sqlx::query_scalar!(
+        r#"select public.stripe_grant('invoice', $1, $2, $3, $4, $5, $6, $7, $8, 'subscription',
+                                      $9, $10) as "outcome!""#,
         &invoice.id,
         user,
         pack.0,
@@ -346,8 +362,14 @@ pub(super) async fn invoice_paid(
     )
     .fetch_one(&mut *conn)
     .await?;
-    if granted.is_some() {
-        telemetry::credits_granted("subscription", i64::from(pack.1));
+    match outcome.as_str() {
+        "granted" => telemetry::credits_granted("subscription", i64::from(pack.1)),
+        "free_not_granted" => tracing::info!(
+            invoice = %invoice.id,
+            pack = %pack.0,
+            "this invoice paid 0 (a trial or a full discount) and its plan does not grant when free: nothing granted"
+        ),
+        _ => {}
     }
     Ok(Handled::Processed)
 }
