@@ -48,8 +48,9 @@ pub struct JwtConfig {
 }
 
 /// How the JWKS keys are cached. Not read from the environment: the defaults follow Supabase
-/// (which caches its JWKS for 10 minutes) and CONTRACT §1 (an unknown `kid` refetches at most
-/// once per 30 s); tests shorten them to make keys old without waiting.
+/// (which caches its JWKS for 10 minutes) and the API guide (docs/api.md, "Tokens the service
+/// accepts": an unknown `kid` refetches at most once per 30 s); tests shorten them to make
+/// keys old without waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JwksTiming {
     /// Age after which known keys are refreshed, in the background.
@@ -102,7 +103,7 @@ pub struct Config {
     /// Requests per minute and burst per caller; 0 turns rate limiting off.
     pub rate_limit_per_minute: u32,
     pub rate_limit_burst: u32,
-    /// Peers whose `X-Forwarded-For` names the client (CONTRACT §7.4).
+    /// Peers whose `X-Forwarded-For` names the client (README, "Configuration").
     pub trusted_proxies: Vec<Cidr>,
     pub request_timeout: Duration,
     pub metrics: MetricsConfig,

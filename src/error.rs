@@ -1,5 +1,5 @@
 //! The one error type of the HTTP layer, rendered as RFC 9457 `application/problem+json`
-//! (CONTRACT §3), and the one place where database outcomes get their meaning.
+//! (docs/api.md, "Errors"), and the one place where database outcomes get their meaning.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

@@ -9,8 +9,8 @@
 //! Modules come in layers, and each imports only from layers below it:
 //!
 //! 1. plumbing: [`config`], [`limits`], [`error`], [`extract`], [`auth`], [`rate_limit`],
-//!    [`idempotency`], [`db`], [`telemetry`], [`openapi`] (the document's frame), and Stripe's
-//!    API client and signature scheme ([`stripe::client`], [`stripe::signature`]);
+//!    [`idempotency`], [`db`], [`telemetry`], [`openapi`] (the document's frame and what makes
+//!    it exact), and [`stripe_api`] (the one client of Stripe's API);
 //! 2. [`state`]: the shared state, built from the plumbing;
 //! 3. features, one per capability, each owning its routes, types and SQL: [`profiles`],
 //!    [`credits`], [`ads`], [`packs`], [`images`], [`admin`], [`stripe`], [`maintenance`],
@@ -28,6 +28,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod openapi;
 pub mod rate_limit;
+pub mod stripe_api;
 pub mod telemetry;
 // 2. the shared state
 pub mod state;

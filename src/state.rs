@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use crate::auth::TokenVerifier;
 use crate::config::Config;
 use crate::rate_limit::RateLimiter;
-use crate::stripe::client::StripeClient;
+use crate::stripe_api::StripeClient;
 use crate::telemetry;
 
 /// Everything a handler may need. One `Arc` inside: every layer and extractor clones the

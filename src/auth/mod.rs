@@ -39,7 +39,6 @@ pub enum Role {
 pub struct VerifiedToken {
     pub role: Role,
     pub user_id: Option<Uuid>,
-    pub email: Option<String>,
     pub is_anonymous: bool,
     /// The claims as signed, handed to PostgreSQL as `request.jwt.claims`.
     pub claims: Arc<str>,
@@ -166,7 +165,6 @@ impl TokenVerifier {
         Ok(VerifiedToken {
             role,
             user_id,
-            email: claims.email,
             is_anonymous: claims.is_anonymous.unwrap_or(false),
             claims: signed_payload(token).ok_or("malformed token")?.into(),
         })
@@ -178,7 +176,6 @@ impl TokenVerifier {
 struct TokenClaims {
     role: Option<String>,
     sub: Option<Value>,
-    email: Option<String>,
     is_anonymous: Option<bool>,
     aud: Option<Value>,
     iss: Option<String>,

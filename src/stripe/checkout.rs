@@ -8,7 +8,6 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::client::StripeApiError;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{ApiJson, is_http_url};
@@ -16,6 +15,7 @@ use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::limits;
 use crate::packs::PackKind;
 use crate::state::AppState;
+use crate::stripe_api::StripeApiError;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -2,7 +2,6 @@
 //! grants, take-backs and subscription state — exactly once per Stripe object.
 
 pub mod checkout;
-pub mod client;
 pub mod signature;
 pub mod webhook;
 

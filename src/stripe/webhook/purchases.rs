@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{
     Failure, Handled, Outcome, StripeEvent, clamp, id_of, object, remember_customer, user_from,
 };
-use crate::stripe::client::StripeClient;
+use crate::stripe_api::StripeClient;
 use crate::telemetry;
 
 #[derive(Debug, Deserialize)]

@@ -16,7 +16,7 @@ use super::{
     Failure, Handled, Outcome, StripeEvent, StripeList, clamp, id_of, object, remember_customer,
     user_from,
 };
-use crate::stripe::client::StripeClient;
+use crate::stripe_api::StripeClient;
 use crate::telemetry;
 
 /// The payment intent and charge that paid an invoice, or why they could not be found.

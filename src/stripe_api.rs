@@ -43,7 +43,7 @@ pub struct CreatedSession {
 #[derive(Debug, thiserror::Error)]
 pub enum StripeApiError {
     /// Stripe answered with an error (4xx): the request was refused.
-    #[error("Stripe refused the request: {message}")]
+    #[error("Stripe refused the request ({status}): {message}")]
     Refused { status: u16, message: String },
     /// Stripe could not be reached or kept failing (network, timeout, 5xx).
     #[error("Stripe is unavailable: {0}")]
