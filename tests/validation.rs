@@ -463,3 +463,198 @@ async fn the_length_limits_are_the_ones_the_database_checks(
     }
     assert!(disagreements.is_empty(), "{disagreements:#?}");
 }
+
+#[sqlx::test]
+async fn a_whole_number_written_with_a_decimal_point_is_a_whole_number(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    app.grant(user.id, 10).await;
+
+    let spent = app
+        .post(
+            "/v1/credits/spend",
+            Some(&user.token),
+            json!({"amount": 3.0}),
+        )
+        .await;
+
+    assert_eq!(spent.status, 201, "{:?}", spent.body);
+    assert_eq!(spent.body["transaction"]["amount"], -3);
+    assert_eq!(app.balance(user.id).await, 7);
+}
+
+#[sqlx::test]
+async fn text_is_checked_as_sent_and_stored_trimmed(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    app.grant(user.id, 10).await;
+    let key = service_role_key();
+    let padded = format!("  {}  ", "n".repeat(98));
+
+    // 102 characters as sent, 98 once trimmed: the limit applies to what was sent.
+    let body = json!({"display_name": padded}).to_string();
+    expect(
+        &app,
+        Method::PATCH,
+        "/v1/me",
+        &user.token,
+        Some(&body),
+        422,
+        "validation_failed",
+    )
+    .await;
+    let named = app
+        .send(request(
+            Method::PATCH,
+            "/v1/me",
+            Some(&user.token),
+            Some(json!({"display_name": "  Ada  "}).to_string()),
+            &[],
+        ))
+        .await;
+    assert_eq!(named.body["display_name"], "Ada");
+
+    let blank = json!({"amount": 5, "reason": " \n "}).to_string();
+    let path = format!("/v1/admin/users/{}/credits", user.id);
+    expect(
+        &app,
+        Method::POST,
+        &path,
+        &key,
+        Some(&blank),
+        422,
+        "validation_failed",
+    )
+    .await;
+    let adjusted = app
+        .post(
+            &path,
+            Some(&key),
+            json!({"amount": 5, "reason": "  goodwill  "}),
+        )
+        .await;
+    assert_eq!(adjusted.status, 201);
+    assert_eq!(adjusted.body["transaction"]["description"], "goodwill");
+    assert_eq!(app.balance(user.id).await, 15);
+}
+
+#[sqlx::test]
+async fn any_cursor_of_the_documented_form_is_a_position(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    app.grant(user.id, 10).await;
+
+    // Below position 1 there is nothing; below a huge one, everything.
+    let none = app
+        .get("/v1/me/transactions?cursor=1", Some(&user.token))
+        .await;
+    assert_eq!(none.status, 200);
+    assert_eq!(none.body["items"], json!([]));
+    let all = app
+        .get(
+            "/v1/me/transactions?cursor=999999999999999999",
+            Some(&user.token),
+        )
+        .await;
+    assert_eq!(all.body["items"].as_array().unwrap().len(), 1);
+
+    let images = app
+        .get(
+            &format!("/v1/me/images?cursor=1-{}", "0".repeat(32)),
+            Some(&user.token),
+        )
+        .await;
+    assert_eq!(images.status, 200, "{:?}", images.body);
+    for query in ["cursor=1-0", "cursor=x-00000000000000000000000000000000"] {
+        expect(
+            &app,
+            Method::GET,
+            &format!("/v1/me/images?{query}"),
+            &user.token,
+            None,
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+}
+
+#[sqlx::test]
+async fn a_bad_checkout_url_is_refused_before_stripe_configuration_is_consulted(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    // The test configuration has no Stripe at all.
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let pack = uuid::Uuid::new_v4();
+
+    let body = json!({"pack_id": pack, "success_url": "javascript:alert(1)"}).to_string();
+    expect(
+        &app,
+        Method::POST,
+        "/v1/checkout/sessions",
+        &user.token,
+        Some(&body),
+        422,
+        "validation_failed",
+    )
+    .await;
+    let fine = json!({"pack_id": pack}).to_string();
+    expect(
+        &app,
+        Method::POST,
+        "/v1/checkout/sessions",
+        &user.token,
+        Some(&fine),
+        503,
+        "stripe_not_configured",
+    )
+    .await;
+}
+
+#[sqlx::test]
+async fn a_signed_body_that_is_not_a_well_formed_event_is_refused_never_a_500(
+    _pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app =
+        TestApp::with_config(connect, common::stripe::stripe_config("http://127.0.0.1:9")).await;
+    let good = common::stripe::event("evt_shape_ok", "some.event", json!({"id": "x"}));
+
+    for (field, value) in [
+        ("created", json!(1_000_000_000_000_000_i64)),
+        ("created", json!(-1)),
+        ("id", json!("evt bad")),
+        ("type", json!("Some.Event")),
+        ("api_version", json!("2025\u{0}")),
+        ("data", json!({"object": [1, 2]})),
+    ] {
+        let mut event = good.clone();
+        event[field] = value;
+        let refused = app.webhook(&event).await;
+        assert_eq!(refused.status, 422, "{field}: {:?}", refused.body);
+    }
+
+    // A NUL deep in the object cannot go into jsonb: it is replaced, not a 500.
+    let mut nul = good.clone();
+    nul["data"]["object"]["note"] = json!("a\u{0}b");
+    let kept = app.webhook(&nul).await;
+    assert_eq!(kept.status, 200, "{:?}", kept.body);
+    let stored: String = sqlx::query_scalar(
+        "select payload #>> '{data,object,note}' from public.stripe_events where id = 'evt_shape_ok'",
+    )
+    .fetch_one(&app.owner)
+    .await
+    .unwrap();
+    assert_eq!(stored, "a\u{fffd}b");
+}
