@@ -1,6 +1,12 @@
-//! Rewarded ad views: `POST /v1/ads/views`. The limit and the reward are decided by
-//! `public.handle_ad_view` (see the credit functions migration); this module validates,
-//! refuses anonymous sessions, and maps the outcome.
+//! Rewarded ads. A view pays through an ad session the server opened ([`sessions`]), in
+//! `admob` mode only once AdMob's signed callback for it arrived ([`admob`]);
+//! `POST /v1/ads/views`, a view on the client's word, answers only in `client` mode, for local
+//! development. The limit and the reward are decided by `public.handle_ad_view` (see the
+//! credit functions migration) on every path; the sessions' rules by the functions of the ad
+//! sessions migration. This module validates, refuses anonymous users, and maps the outcome.
+
+pub mod admob;
+pub mod sessions;
 
 use axum::extract::{OriginalUri, State};
 use axum::http::{Method, StatusCode};
@@ -13,6 +19,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
+use crate::config::AdsVerification;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{ApiJson, check_text};
 use crate::idempotency::{self, Claim, IdempotencyKey};
@@ -21,7 +28,12 @@ use crate::state::AppState;
 use crate::telemetry;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(record_view))
+    OpenApiRouter::new()
+        .routes(routes!(record_view))
+        .routes(routes!(sessions::open_session))
+        .routes(routes!(sessions::get_session))
+        .routes(routes!(sessions::complete_session))
+        .routes(routes!(admob::ssv_callback))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -32,7 +44,7 @@ pub struct AdViewRequest {
     pub duration_seconds: i64,
     /// The ad unit shown (at most 255 characters).
     pub ad_unit_id: Option<String>,
-    /// The ad network (at most 100 characters).
+    /// The ad network (at most 255 characters).
     pub provider: Option<String>,
 }
 
@@ -59,7 +71,9 @@ pub struct AdViewResult {
     pub resets_at: DateTime<Utc>,
 }
 
-/// Records an ad view and pays its reward (at most 10 views per UTC day).
+/// Records an ad view on the client's word and pays its reward (at most 10 views per UTC
+/// day). Only in the `client` verification mode, for local development; otherwise 409
+/// `ad_session_required`: use an ad session.
 #[utoipa::path(
     post,
     path = "/v1/ads/views",
@@ -71,6 +85,7 @@ pub struct AdViewResult {
         (status = 201, body = AdViewResult),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Anonymous session (`anonymous_user`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not in the `client` verification mode (`ad_session_required`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Daily limit reached (`daily_ad_limit_reached`), with Retry-After", body = Problem, content_type = "application/problem+json"),
     )
@@ -82,6 +97,10 @@ pub async fn record_view(
     OriginalUri(uri): OriginalUri,
     body: ApiJson<AdViewRequest>,
 ) -> ApiResult<Response> {
+    if state.config.ads.verification != AdsVerification::Client {
+        metrics::counter!("ad_views_total", "outcome" => "session_required").increment(1);
+        return Err(ApiError::AdSessionRequired);
+    }
     if user.is_anonymous && !state.config.allow_anonymous_rewards {
         return Err(ApiError::AnonymousUser);
     }

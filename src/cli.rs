@@ -235,6 +235,13 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
              Never run --dev where real users can reach it."
         );
     }
+    if config.ads.verification == crate::config::AdsVerification::Client {
+        tracing::warn!(
+            "ADS_VERIFICATION=client: POST /v1/ads/views pays rewarded ads on the client's word, \
+             and anyone with a token can mint credits with it. For local development only; \
+             never where real users can reach it."
+        );
+    }
     config.check_can_authenticate()?;
     if config.log_format == LogFormat::Pretty {
         tracing::debug!(?config, "configuration");

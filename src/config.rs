@@ -107,8 +107,59 @@ pub struct Config {
     pub trusted_proxies: Vec<Cidr>,
     pub request_timeout: Duration,
     pub metrics: MetricsConfig,
+    /// How rewarded ads are verified (docs/api.md, "Rewarded ads").
+    pub ads: AdsConfig,
     /// `serve --dev`: the well-known local secret is in use.
     pub dev: bool,
+}
+
+/// What a rewarded ad must show before it pays (`ADS_VERIFICATION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdsVerification {
+    /// A session the server opened, completed: paid for the time the server saw pass.
+    Session,
+    /// As `Session`, and only once AdMob's signed callback for the session has arrived.
+    Admob,
+    /// `POST /v1/ads/views` on the client's word: local development only.
+    Client,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdsConfig {
+    pub verification: AdsVerification,
+    /// `ADS_SESSION_TTL_SECONDS`: lifetime of an open session.
+    pub session_ttl_seconds: i32,
+    /// `ADS_MAX_OPEN_SESSIONS`: unfinished sessions a user may have at once.
+    pub max_open_sessions: i32,
+    /// `ADMOB_VERIFIER_KEYS_URL`: Google's verifier keys for reward callbacks.
+    pub admob_keys_url: String,
+    /// How the verifier keys are cached. Not read from the environment: the contract fixes at
+    /// most one refetch per 10 s for an unknown `key_id`; tests shorten it.
+    pub admob_key_timing: JwksTiming,
+    /// `ADMOB_AD_UNITS`: the `ad_unit` values a callback may name; empty allows any.
+    pub admob_ad_units: Vec<String>,
+    /// `ADMOB_SSV_MAX_AGE_SECONDS`: how far a callback's `timestamp` may be from now.
+    pub ssv_max_age_seconds: i32,
+}
+
+impl AdsConfig {
+    /// Google's published verifier keys.
+    pub const ADMOB_KEYS_URL: &str = "https://www.gstatic.com/admob/reward/verifier-keys.json";
+
+    pub fn admob_key_timing() -> JwksTiming {
+        JwksTiming {
+            // Google rotates the keys now and then; a day-old set is refreshed on next use.
+            refresh_after: Duration::from_secs(24 * 3600),
+            cooldown: Duration::from_secs(10),
+            fetch_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Whether a callback naming this ad unit may pay.
+    pub fn allows_ad_unit(&self, ad_unit: Option<&str>) -> bool {
+        self.admob_ad_units.is_empty()
+            || ad_unit.is_some_and(|unit| self.admob_ad_units.iter().any(|u| u == unit))
+    }
 }
 
 /// A block of addresses, such as `10.0.0.0/8` or `2001:db8::/32`; a bare address is a block
@@ -347,6 +398,54 @@ impl Config {
             token: get("METRICS_TOKEN").map(Secret::new),
         };
 
+        let verification = match get("ADS_VERIFICATION").as_deref() {
+            None | Some("session") => AdsVerification::Session,
+            Some("admob") => AdsVerification::Admob,
+            Some("client") => AdsVerification::Client,
+            Some(_) => {
+                return Err(invalid(
+                    "ADS_VERIFICATION",
+                    "expected session, admob or client",
+                ));
+            }
+        };
+        let session_ttl_seconds: i32 = parse_number(
+            "ADS_SESSION_TTL_SECONDS",
+            get("ADS_SESSION_TTL_SECONDS"),
+            600,
+        )?;
+        if !(1..=86_400).contains(&session_ttl_seconds) {
+            return Err(invalid(
+                "ADS_SESSION_TTL_SECONDS",
+                "must be from 1 to 86400",
+            ));
+        }
+        let max_open_sessions: i32 =
+            parse_number("ADS_MAX_OPEN_SESSIONS", get("ADS_MAX_OPEN_SESSIONS"), 3)?;
+        if !(1..=1000).contains(&max_open_sessions) {
+            return Err(invalid("ADS_MAX_OPEN_SESSIONS", "must be from 1 to 1000"));
+        }
+        let admob_keys_url =
+            get("ADMOB_VERIFIER_KEYS_URL").unwrap_or_else(|| AdsConfig::ADMOB_KEYS_URL.to_owned());
+        check_http_url("ADMOB_VERIFIER_KEYS_URL", &admob_keys_url)?;
+        let admob_ad_units = get("ADMOB_AD_UNITS")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ssv_max_age_seconds: i32 = parse_number(
+            "ADMOB_SSV_MAX_AGE_SECONDS",
+            get("ADMOB_SSV_MAX_AGE_SECONDS"),
+            3600,
+        )?;
+        if ssv_max_age_seconds < 1 {
+            return Err(invalid("ADMOB_SSV_MAX_AGE_SECONDS", "must be at least 1"));
+        }
+
         Ok(Config {
             database_url,
             database_max_connections,
@@ -373,6 +472,15 @@ impl Config {
             trusted_proxies,
             request_timeout,
             metrics,
+            ads: AdsConfig {
+                verification,
+                session_ttl_seconds,
+                max_open_sessions,
+                admob_keys_url,
+                admob_key_timing: AdsConfig::admob_key_timing(),
+                admob_ad_units,
+                ssv_max_age_seconds,
+            },
             dev: false,
         })
     }
@@ -473,6 +581,29 @@ mod tests {
         assert_eq!(err.variable, "RATE_LIMIT_PER_MINUTE");
         let err = config(&[("SUPABASE_JWT_SECRET", "short")]).unwrap_err();
         assert_eq!(err.variable, "SUPABASE_JWT_SECRET");
+    }
+
+    #[test]
+    fn ads_are_verified_by_session_unless_configured_otherwise() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.ads.verification, AdsVerification::Session);
+        assert_eq!(
+            (c.ads.session_ttl_seconds, c.ads.max_open_sessions),
+            (600, 3)
+        );
+        assert_eq!(c.ads.admob_keys_url, AdsConfig::ADMOB_KEYS_URL);
+        assert_eq!(c.ads.ssv_max_age_seconds, 3600);
+        assert!(c.ads.allows_ad_unit(None));
+        let c = config(&[
+            ("ADS_VERIFICATION", "admob"),
+            ("ADMOB_AD_UNITS", "111, 222"),
+        ])
+        .unwrap();
+        assert_eq!(c.ads.verification, AdsVerification::Admob);
+        assert!(c.ads.allows_ad_unit(Some("222")));
+        assert!(!c.ads.allows_ad_unit(Some("333")) && !c.ads.allows_ad_unit(None));
+        let err = config(&[("ADS_VERIFICATION", "trust-me")]).unwrap_err();
+        assert_eq!(err.variable, "ADS_VERIFICATION");
     }
 
     #[test]

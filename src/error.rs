@@ -61,6 +61,17 @@ pub enum ApiError {
     InsufficientCredits,
     #[error("daily ad limit reached")]
     DailyAdLimitReached { retry_after_seconds: u64 },
+    /// `POST /v1/ads/views` outside the `client` verification mode.
+    #[error("an ad session is required")]
+    AdSessionRequired,
+    #[error("too many open ad sessions")]
+    TooManyAdSessions,
+    #[error("ad session expired")]
+    AdSessionExpired,
+    /// A query string that is not the shape a caller outside our API sends (AdMob's callback):
+    /// 400 `validation_failed`, naming the parameters at fault.
+    #[error("malformed query")]
+    MalformedQuery(Vec<FieldError>),
     #[error("idempotency key reused with a different request")]
     IdempotencyKeyReused,
     #[error("invalid signature")]
@@ -97,7 +108,9 @@ impl ApiError {
             Self::DailyAdLimitReached { .. } | Self::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Self::InvalidSignature => StatusCode::BAD_REQUEST,
+            Self::InvalidSignature | Self::MalformedQuery(_) => StatusCode::BAD_REQUEST,
+            Self::AdSessionRequired | Self::TooManyAdSessions => StatusCode::CONFLICT,
+            Self::AdSessionExpired => StatusCode::GONE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::StripeNotConfigured | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Stripe(_) => StatusCode::BAD_GATEWAY,
@@ -113,7 +126,10 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::ProfileNotFound => "profile_not_found",
-            Self::Validation(_) => "validation_failed",
+            Self::Validation(_) | Self::MalformedQuery(_) => "validation_failed",
+            Self::AdSessionRequired => "ad_session_required",
+            Self::TooManyAdSessions => "too_many_ad_sessions",
+            Self::AdSessionExpired => "ad_session_expired",
             Self::InsufficientCredits => "insufficient_credits",
             Self::DailyAdLimitReached { .. } => "daily_ad_limit_reached",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
@@ -135,11 +151,14 @@ impl ApiError {
             Self::NotFound(_) => "Not found",
             Self::MethodNotAllowed => "Method not allowed",
             Self::ProfileNotFound => "Profile not found",
-            Self::Validation(_) => "The request is not valid",
+            Self::Validation(_) | Self::MalformedQuery(_) => "The request is not valid",
+            Self::AdSessionRequired => "Ad views are paid through ad sessions",
+            Self::TooManyAdSessions => "Too many open ad sessions",
+            Self::AdSessionExpired => "The ad session has expired",
             Self::InsufficientCredits => "Not enough credits",
             Self::DailyAdLimitReached { .. } => "Daily ad view limit reached",
             Self::IdempotencyKeyReused => "Idempotency key already used for another request",
-            Self::InvalidSignature => "Invalid webhook signature",
+            Self::InvalidSignature => "Invalid signature",
             Self::PayloadTooLarge { .. } => "Request body too large",
             Self::RateLimited { .. } => "Too many requests",
             Self::StripeNotConfigured => "Payments are not configured",
@@ -160,9 +179,21 @@ impl ApiError {
             Self::NotFound(what) => format!("No {what} matches this request."),
             Self::MethodNotAllowed => "This route does not take this method.".to_owned(),
             Self::ProfileNotFound => "No profile exists for this user.".to_owned(),
-            Self::Validation(errors) => {
+            Self::Validation(errors) | Self::MalformedQuery(errors) => {
                 let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
                 format!("Check these fields: {}.", fields.join(", "))
+            }
+            Self::AdSessionRequired => {
+                "Open an ad session (POST /v1/ads/sessions) and complete it; views are not taken \
+                 on the client's word."
+                    .to_owned()
+            }
+            Self::TooManyAdSessions => {
+                "Complete or let expire one of the open ad sessions before opening another."
+                    .to_owned()
+            }
+            Self::AdSessionExpired => {
+                "The ad session outlived its lifetime and pays nothing; open a new one.".to_owned()
             }
             Self::InsufficientCredits => "The balance is too low for this operation.".to_owned(),
             Self::DailyAdLimitReached { .. } => {
@@ -174,7 +205,7 @@ impl ApiError {
                     .to_owned()
             }
             Self::InvalidSignature => {
-                "The Stripe-Signature header does not match the payload.".to_owned()
+                "The signature is missing or does not match what it signs.".to_owned()
             }
             Self::PayloadTooLarge { limit_bytes } => {
                 format!("The request body exceeds the limit of {limit_bytes} bytes.")
@@ -203,7 +234,7 @@ impl ApiError {
             detail: self.detail(),
             code: self.code().to_owned(),
             errors: match self {
-                Self::Validation(errors) => Some(errors.clone()),
+                Self::Validation(errors) | Self::MalformedQuery(errors) => Some(errors.clone()),
                 _ => None,
             },
         }
@@ -250,6 +281,9 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("AC402") => return Self::InsufficientCredits,
                 Some("AC404") => return Self::ProfileNotFound,
+                Some("ACS04") => return Self::NotFound("ad session"),
+                Some("ACS09") => return Self::TooManyAdSessions,
+                Some("ACS10") => return Self::AdSessionExpired,
                 // The function says when the ad day ends, in seconds, as the error's detail.
                 Some("AC429") => {
                     let retry_after_seconds = db

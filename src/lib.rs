@@ -10,7 +10,8 @@
 //!
 //! 1. plumbing: [`config`], [`limits`], [`error`], [`extract`], [`auth`], [`rate_limit`],
 //!    [`idempotency`], [`db`], [`telemetry`], [`openapi`] (the document's frame and what makes
-//!    it exact), and [`stripe_api`] (the one client of Stripe's API);
+//!    it exact), [`stripe_api`] (the one client of Stripe's API) and [`admob_keys`] (Google's
+//!    keys for AdMob's reward callbacks);
 //! 2. [`state`]: the shared state, built from the plumbing;
 //! 3. features, one per capability, each owning its routes, types and SQL: [`profiles`],
 //!    [`credits`], [`ads`], [`packs`], [`images`], [`admin`], [`stripe`], [`maintenance`],
@@ -19,6 +20,7 @@
 //! 5. [`cli`] and [`verify`]: the binary's verbs.
 
 // 1. plumbing
+pub mod admob_keys;
 pub mod auth;
 pub mod config;
 pub mod db;

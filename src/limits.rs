@@ -26,7 +26,10 @@ pub const REFERENCE_CHARS: usize = 255;
 /// Characters of an ad unit id.
 pub const AD_UNIT_CHARS: usize = 255;
 /// Characters of an ad network's name.
-pub const AD_PROVIDER_CHARS: usize = 100;
+pub const AD_PROVIDER_CHARS: usize = 255;
+/// Characters of one parameter of an AdMob callback (and bytes of its whole query string).
+pub const ADMOB_PARAM_CHARS: usize = 1024;
+pub const ADMOB_QUERY_BYTES: usize = 8192;
 /// Characters of a display name.
 pub const DISPLAY_NAME_CHARS: usize = 100;
 /// Characters of an avatar URL, and of a checkout redirect URL.

@@ -21,7 +21,7 @@ use crate::limits;
     tags(
         (name = "profile", description = "The signed-in user's profile"),
         (name = "credits", description = "Balances, history, spending and the pack catalogue"),
-        (name = "ads", description = "Rewarded ad views"),
+        (name = "ads", description = "Rewarded ads: ad sessions, AdMob's server-side verification callback, and views on the client's word (development only)"),
         (name = "images", description = "The signed-in user's images"),
         (name = "stripe", description = "Stripe webhooks (signed with the endpoint's secret)"),
         (name = "admin", description = "Admin tools (service_role key or an admin's token)"),
@@ -277,6 +277,21 @@ const FIELD_CONSTRAINTS: &[(&str, &str, Constraint)] = &[
         "AdViewRequest",
         "provider",
         Constraint::text(limits::AD_PROVIDER_CHARS, TEXT),
+    ),
+    (
+        "AdSessionRequest",
+        "ad_unit_id",
+        Constraint::text(limits::AD_UNIT_CHARS, TEXT),
+    ),
+    (
+        "AdSessionRequest",
+        "provider",
+        Constraint::text(limits::AD_PROVIDER_CHARS, TEXT),
+    ),
+    (
+        "AdSessionCompletion",
+        "duration_seconds",
+        Constraint::range(0, limits::AD_DURATION_MAX),
     ),
     (
         "ProfileUpdate",

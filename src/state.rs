@@ -9,6 +9,7 @@ use axum::extract::FromRef;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
+use crate::admob_keys::AdmobKeys;
 use crate::auth::TokenVerifier;
 use crate::config::Config;
 use crate::rate_limit::RateLimiter;
@@ -28,6 +29,8 @@ pub struct Shared {
     pub rate_limiter: Arc<RateLimiter>,
     /// Present when `STRIPE_SECRET_KEY` is set.
     pub stripe: Option<StripeClient>,
+    /// Google's verifier keys for AdMob's reward callbacks, fetched on the first callback.
+    pub admob_keys: AdmobKeys,
     pub metrics: PrometheusHandle,
 }
 
@@ -54,7 +57,13 @@ impl AppState {
             .secret_key
             .clone()
             .map(|key| StripeClient::new(http.clone(), &config.stripe.api_base, key));
+        let admob_keys = AdmobKeys::new(
+            config.ads.admob_keys_url.clone(),
+            http.clone(),
+            config.ads.admob_key_timing,
+        );
         AppState(Arc::new(Shared {
+            admob_keys,
             verifier: Arc::new(TokenVerifier::new(&config.jwt, http)),
             rate_limiter: Arc::new(RateLimiter::from_config(&config)),
             stripe,

@@ -83,7 +83,24 @@ fn describe() {
     );
     describe_counter!(
         "ad_views_total",
-        "Rewarded ad views, by outcome (accepted, refused)."
+        "Rewarded ad views on the client's word, by outcome (accepted, refused, failed, session_required)."
+    );
+    describe_counter!("ad_sessions_opened_total", "Ad sessions opened.");
+    describe_counter!(
+        "ad_sessions_completed_total",
+        "Ad sessions paid (a view counted), by their completion or by AdMob's callback."
+    );
+    describe_counter!(
+        "ad_sessions_rewarded_total",
+        "Ad sessions paid with at least one credit."
+    );
+    describe_counter!(
+        "ad_sessions_refused_total",
+        "Ad session requests refused, by reason (too_many_ad_sessions, daily_ad_limit_reached, ad_session_expired, anonymous_user)."
+    );
+    describe_counter!(
+        "admob_ssv_callbacks_total",
+        "AdMob server-side verification callbacks, by outcome (accepted, duplicate, refused, invalid_signature, malformed) and refusal reason."
     );
     describe_counter!(
         "stripe_webhook_events_total",

@@ -65,6 +65,10 @@ const REQUIRED_FUNCTIONS: &[&str] = &[
     "spend_credits",
     "handle_ad_view",
     "create_profile_on_signup",
+    "open_ad_session",
+    "complete_ad_session",
+    "pay_ad_session",
+    "record_admob_callback",
 ];
 
 /// Functions that change balances, or act as any user given their claims: never executable by
@@ -73,6 +77,10 @@ const PRIVILEGED_FUNCTIONS: &[&str] = &[
     "add_credits",
     "spend_credits",
     "handle_ad_view",
+    "open_ad_session",
+    "complete_ad_session",
+    "pay_ad_session",
+    "record_admob_callback",
     "stripe_grant",
     "stripe_record_charge",
     "stripe_settle_grant",

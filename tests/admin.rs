@@ -169,8 +169,8 @@ async fn admin_lookups_of_missing_users_answer_404(pool: PgPoolOptions, connect:
 }
 
 #[sqlx::test]
-async fn daily_stats_split_credits_by_source(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let app = TestApp::new(pool, connect).await;
+async fn daily_stats_split_credits_by_source(_pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::client_ads(connect).await;
     let user = app.user().await;
     app.grant(user.id, 10).await;
     app.post("/v1/credits/spend", Some(&user.token), json!({"amount": 4}))

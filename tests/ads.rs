@@ -1,17 +1,17 @@
 mod common;
 
 use chrono::{DateTime, Utc};
-use common::{TestApp, all_at_once, test_config};
+use common::{TestApp, all_at_once};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::sync::Arc;
 
 #[sqlx::test]
 async fn the_reward_follows_the_watched_seconds_at_every_boundary(
-    pool: PgPoolOptions,
+    _pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let app = TestApp::new(pool, connect).await;
+    let app = TestApp::client_ads(connect).await;
     let user = app.user().await;
 
     let mut balance = 0;
@@ -47,10 +47,10 @@ async fn the_reward_follows_the_watched_seconds_at_every_boundary(
 
 #[sqlx::test]
 async fn the_eleventh_ad_view_of_the_day_is_refused_with_retry_after(
-    pool: PgPoolOptions,
+    _pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let app = TestApp::new(pool, connect).await;
+    let app = TestApp::client_ads(connect).await;
     let user = app.user().await;
 
     for n in 1..=10 {
@@ -126,10 +126,10 @@ async fn next_utc_midnight(app: &TestApp) -> DateTime<Utc> {
 
 #[sqlx::test]
 async fn the_ad_day_resets_at_the_databases_next_utc_midnight(
-    pool: PgPoolOptions,
+    _pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let app = TestApp::new(pool, connect).await;
+    let app = TestApp::client_ads(connect).await;
     let user = app.user().await;
     let before = next_utc_midnight(&app).await;
 
@@ -160,8 +160,8 @@ async fn the_ad_day_resets_at_the_databases_next_utc_midnight(
 }
 
 #[sqlx::test]
-async fn yesterdays_views_do_not_count_today(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let app = TestApp::new(pool, connect).await;
+async fn yesterdays_views_do_not_count_today(_pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::client_ads(connect).await;
     let user = app.user().await;
     sqlx::query(
         "update public.profiles set ad_views_today = 10,
@@ -186,8 +186,8 @@ async fn yesterdays_views_do_not_count_today(pool: PgPoolOptions, connect: PgCon
 }
 
 #[sqlx::test]
-async fn thirty_concurrent_views_pay_exactly_ten(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let app = TestApp::new(pool, connect).await;
+async fn thirty_concurrent_views_pay_exactly_ten(_pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::client_ads(connect).await;
     let user = app.user().await;
     let server = Arc::new(app.serve());
     let token = Arc::new(user.token.clone());
@@ -227,10 +227,10 @@ async fn thirty_concurrent_views_pay_exactly_ten(pool: PgPoolOptions, connect: P
 
 #[sqlx::test]
 async fn anonymous_sessions_earn_no_rewards_unless_allowed(
-    pool: PgPoolOptions,
+    _pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let app = TestApp::new(pool, connect.clone()).await;
+    let app = TestApp::client_ads(connect.clone()).await;
     let user = app.user().await;
     let mut claims = common::user_claims(user.id, "");
     claims["is_anonymous"] = json!(true);
@@ -249,7 +249,7 @@ async fn anonymous_sessions_earn_no_rewards_unless_allowed(
     // Reading is fine.
     assert_eq!(app.get("/v1/me", Some(&anonymous)).await.status, 200);
 
-    let mut config = test_config();
+    let mut config = common::client_ads_config();
     config.allow_anonymous_rewards = true;
     let permissive = TestApp::with_config(connect, config).await;
     let allowed = permissive
@@ -264,8 +264,8 @@ async fn anonymous_sessions_earn_no_rewards_unless_allowed(
 }
 
 #[sqlx::test]
-async fn a_replayed_ad_view_is_counted_once(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let app = TestApp::new(pool, connect).await;
+async fn a_replayed_ad_view_is_counted_once(_pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::client_ads(connect).await;
     let user = app.user().await;
 
     let first = app

@@ -48,7 +48,7 @@ async fn post(server: &Binary, path: &str, token: &str, body: Value) -> u16 {
 
 #[tokio::test]
 async fn metrics_count_exactly_the_requests_and_credits_of_this_server() {
-    let server = Binary::serve(&[]).await;
+    let server = Binary::serve(&[("ADS_VERIFICATION", "client")]).await;
     let user = server.user().await;
     server.grant(user.id, 10).await;
 
@@ -405,6 +405,10 @@ async fn the_openapi_document_covers_every_route_of_the_contract(
         ("/v1/me/transactions", "get"),
         ("/v1/credits/spend", "post"),
         ("/v1/ads/views", "post"),
+        ("/v1/ads/sessions", "post"),
+        ("/v1/ads/sessions/{id}", "get"),
+        ("/v1/ads/sessions/{id}/complete", "post"),
+        ("/v1/ads/admob/ssv", "get"),
         ("/v1/credit-packs", "get"),
         ("/v1/admin/users", "get"),
         ("/v1/admin/users/{id}", "get"),

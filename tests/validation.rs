@@ -112,10 +112,10 @@ async fn bad_spend_requests_are_refused_and_change_nothing(
 }
 
 #[sqlx::test]
-async fn bad_ad_views_are_refused_and_not_counted(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let app = TestApp::new(pool, connect).await;
+async fn bad_ad_views_are_refused_and_not_counted(_pool: PgPoolOptions, connect: PgConnectOptions) {
+    let app = TestApp::client_ads(connect).await;
     let user = app.user().await;
-    let long = "p".repeat(101);
+    let long = "p".repeat(amethyst_credits::limits::AD_PROVIDER_CHARS + 1);
 
     for body in [
         r#"{"duration_seconds": -1}"#.to_owned(),
@@ -428,6 +428,18 @@ async fn the_length_limits_are_the_ones_the_database_checks(
         ("credit_transactions", "reference", limits::REFERENCE_CHARS),
         ("ad_views", "ad_unit_id", limits::AD_UNIT_CHARS),
         ("ad_views", "provider", limits::AD_PROVIDER_CHARS),
+        ("ad_sessions", "ad_unit_id", limits::AD_UNIT_CHARS),
+        ("ad_sessions", "provider", limits::AD_PROVIDER_CHARS),
+        (
+            "admob_ssv_callbacks",
+            "transaction_id",
+            limits::ADMOB_PARAM_CHARS,
+        ),
+        (
+            "admob_ssv_callbacks",
+            "custom_data",
+            limits::ADMOB_PARAM_CHARS,
+        ),
         ("profiles", "display_name", limits::DISPLAY_NAME_CHARS),
         ("profiles", "avatar_url", limits::URL_CHARS),
         ("credit_packs", "name", limits::PACK_NAME_CHARS),

@@ -35,10 +35,10 @@ fn verify(connect: &PgConnectOptions) -> (bool, String) {
 
 #[sqlx::test]
 async fn verify_passes_on_a_clean_database_with_activity(
-    pool: PgPoolOptions,
+    _pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let app = TestApp::new(pool, connect.clone()).await;
+    let app = TestApp::client_ads(connect.clone()).await;
     let user = app.user().await;
     app.grant(user.id, 10).await;
     app.post("/v1/credits/spend", Some(&user.token), json!({"amount": 4}))

@@ -3,6 +3,7 @@
 //! that need requests handled in parallel.
 #![allow(dead_code)]
 
+pub mod admob;
 pub mod binary;
 pub mod stripe;
 
@@ -46,6 +47,14 @@ pub fn test_config() -> Config {
     config
 }
 
+/// The test configuration in the `client` ad verification mode, where `POST /v1/ads/views`
+/// pays on the client's word: for the tests of that route (the default mode is `session`).
+pub fn client_ads_config() -> Config {
+    let mut config = test_config();
+    config.ads.verification = amethyst_credits::config::AdsVerification::Client;
+    config
+}
+
 pub struct TestApp {
     pub router: Router,
     pub state: AppState,
@@ -77,6 +86,11 @@ impl TestResponse {
 impl TestApp {
     pub async fn new(_pool: PgPoolOptions, connect: PgConnectOptions) -> Self {
         Self::with_config(connect, test_config()).await
+    }
+
+    /// An app in the `client` ad verification mode ([`client_ads_config`]).
+    pub async fn client_ads(connect: PgConnectOptions) -> Self {
+        Self::with_config(connect, client_ads_config()).await
     }
 
     pub async fn with_config(connect: PgConnectOptions, config: Config) -> Self {
