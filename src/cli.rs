@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::config::{Config, DEV_JWT_SECRET, LogFormat};
 use crate::router::{app, openapi};
 use crate::state::AppState;
+use crate::stripe::reconcile::Reconciler;
 use crate::{db, maintenance, operations, telemetry, verify};
 
 #[derive(Debug, Parser)]
@@ -53,6 +54,13 @@ pub enum Command {
         /// Monthly: seconds to pause between batches.
         #[arg(long, default_value_t = 0.0)]
         pause_seconds: f64,
+    },
+    /// List Stripe's recent events and handle the ones never processed, as a webhook would;
+    /// print a summary, exit non-zero when any could not be handled or Stripe could not be read.
+    Reconcile {
+        /// How far back to look, such as 72h or 7d (Stripe keeps events for 30 days).
+        #[arg(long, default_value = "72h", value_parser = parse_ttl)]
+        since: Duration,
     },
     /// Mint an HS256 access token with the configured secret, for local trials.
     Token {
@@ -146,12 +154,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 batch_size,
                 pause_seconds: pause_seconds.max(0.0),
             };
-            let run = maintenance::run(&mut conn, task, archival)
+            // The daily run reconciles with Stripe when there is a Stripe account.
+            let state = if task == maintenance::Task::Daily && config.stripe.secret_key.is_some() {
+                Some(connect_state(config).await?)
+            } else {
+                None
+            };
+            let reconciler = state.as_ref().and_then(Reconciler::from_state);
+            let run = maintenance::run(&mut conn, task, archival, reconciler)
                 .await
                 .context("maintenance failed")?;
             tracing::info!(task = %task, run = run.id, outcome = %run.outcome, findings = %run.findings, "maintenance finished");
             println!("{}", serde_json::to_string_pretty(&run)?);
             Ok(if run.outcome == "ok" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Reconcile { since } => {
+            telemetry::init_logging(config.log_format);
+            if config.stripe.secret_key.is_none() {
+                bail!("STRIPE_SECRET_KEY is not set: there is no Stripe account to reconcile with");
+            }
+            let state = connect_state(config).await?;
+            let reconciler =
+                Reconciler::from_state(&state).expect("the Stripe client exists with a secret key");
+            let report = reconciler.run(since).await?;
+            println!("{}", serde_json::to_string_pretty(&report.summary)?);
+            Ok(if report.succeeded() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -184,6 +215,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The shared state on a small pool, for the verbs that reach Stripe.
+async fn connect_state(config: Config) -> anyhow::Result<AppState> {
+    let options = db::connect_options(config.database_url.expose())?;
+    let pool = db::connect(options, config.database_max_connections.min(4))
+        .await
+        .context("could not connect to the database")?;
+    Ok(AppState::new(config, pool))
 }
 
 fn mint_token(

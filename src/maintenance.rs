@@ -1,7 +1,9 @@
 //! Maintenance (README, "Operations"): the daily, weekly and monthly tasks. The work itself is
 //! in SQL, `public.maintenance_start`, `…_archive_batch` and `…_finish` (see the hardening
 //! migration), which pg_cron jobs also call; this module runs them from the CLI and shows their
-//! runs to admins.
+//! runs to admins. The one step SQL cannot do, reconciling with Stripe's events (daily, when
+//! Stripe is configured), runs here and records itself in the run with
+//! `public.maintenance_record_step` before the run finishes.
 
 use std::fmt;
 
@@ -18,10 +20,12 @@ use crate::auth::AdminCaller;
 use crate::error::{ApiResult, Problem};
 use crate::extract::{ApiQuery, List, PageParams};
 use crate::state::AppState;
+use crate::stripe::reconcile::{self, Reconciler};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Task {
-    /// Ledger check, unsettled Stripe events, expired idempotency records, ANALYZE.
+    /// Reconciliation with Stripe (when configured), ledger check, unsettled Stripe events,
+    /// expired idempotency records, ANALYZE.
     Daily,
     /// Slow queries, unused, duplicate and bloated indexes, tables without RLS.
     Weekly,
@@ -76,10 +80,16 @@ pub struct MaintenanceRun {
 /// Runs `task` once on `conn`, which must not be inside a transaction: each step commits on
 /// its own, so a run that dies keeps the archival batches it moved. The loop lives here (and in
 /// the pg_cron jobs) because a function that pins its search_path cannot commit.
+///
+/// A daily run given a `reconciler` first reconciles with Stripe's events of the last 72 hours
+/// (its own transactions, on the reconciler's pool); what it found is recorded with the run,
+/// and a reconciliation that fails makes the run's outcome not `ok` while the other tasks
+/// still run.
 pub async fn run(
     conn: &mut PgConnection,
     task: Task,
     archival: Archival,
+    reconciler: Option<Reconciler<'_>>,
 ) -> Result<MaintenanceRun, sqlx::Error> {
     let run_id = sqlx::query_scalar!(
         r#"select public.maintenance_start($1, make_interval(months => $2)) as "run_id!""#,
@@ -88,6 +98,33 @@ pub async fn run(
     )
     .fetch_one(&mut *conn)
     .await?;
+    if task == Task::Daily
+        && let Some(reconciler) = reconciler
+    {
+        let (outcome, details) = match reconciler.run(reconcile::DEFAULT_WINDOW).await {
+            Ok(report) => {
+                let mut details =
+                    serde_json::to_value(&report.summary).expect("a summary is plain numbers");
+                details["failures"] =
+                    serde_json::json!(report.failures.iter().take(20).collect::<Vec<_>>());
+                // Events left failed need a look (the unsettled-events step lists them too).
+                let outcome = if report.succeeded() { "ok" } else { "findings" };
+                (outcome, details)
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "the daily reconciliation with Stripe failed");
+                ("failed", serde_json::json!({"error": err.to_string()}))
+            }
+        };
+        sqlx::query!(
+            "select public.maintenance_record_step($1, 'reconcile', $2, $3)",
+            run_id,
+            outcome,
+            details,
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
     if task == Task::Monthly {
         loop {
             let moved = sqlx::query_scalar!(

@@ -1,5 +1,5 @@
-//! Stripe's API as this service uses it: creating a Checkout Session, and looking up what paid
-//! an invoice or a payment intent.
+//! Stripe's API as this service uses it: creating a Checkout Session, looking up what paid an
+//! invoice or a payment intent, and listing events (for `reconcile`).
 //!
 //! Form-encoded, `Authorization: Bearer <secret key>`, the API version pinned, an
 //! `Idempotency-Key` on every attempt of a creation (the caller's, or one of ours) so that
@@ -169,6 +169,37 @@ impl StripeClient {
         })
     }
 
+    /// One page of `GET /v1/events`: events of `types` created at or after `created_from` (a
+    /// Unix time), newest first, 100 at most, after the event `starting_after` when given.
+    /// Stripe keeps events for 30 days and takes at most 20 types.
+    pub async fn list_events(
+        &self,
+        created_from: i64,
+        types: &[&str],
+        starting_after: Option<&str>,
+    ) -> Result<EventPage, StripeApiError> {
+        let mut query: Vec<(&str, String)> = vec![
+            ("created[gte]", created_from.to_string()),
+            ("limit", "100".to_owned()),
+        ];
+        query.extend(types.iter().map(|t| ("types[]", (*t).to_owned())));
+        if let Some(after) = starting_after {
+            query.push(("starting_after", after.to_owned()));
+        }
+        let query = serde_urlencoded::to_string(&query)
+            .map_err(|e| StripeApiError::Unavailable(e.to_string()))?;
+        let answer = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/events?{query}"),
+                None,
+                None,
+                PERSISTENT,
+            )
+            .await?;
+        parse(&answer)
+    }
+
     /// One API call with retries on network errors and 5xx, as `patience` allows (the same
     /// idempotency key on each attempt); any other answer is final.
     async fn call(
@@ -242,6 +273,14 @@ impl StripeClient {
 fn parse<T: serde::de::DeserializeOwned>(answer: &[u8]) -> Result<T, StripeApiError> {
     serde_json::from_slice(answer)
         .map_err(|e| StripeApiError::Unavailable(format!("unexpected answer from Stripe: {e}")))
+}
+
+/// A page of Stripe's event list. The events are kept as JSON: each is handled exactly as a
+/// webhook delivery of it would be, from the same document.
+#[derive(Debug, Deserialize)]
+pub struct EventPage {
+    pub data: Vec<serde_json::Value>,
+    pub has_more: bool,
 }
 
 #[derive(Deserialize)]

@@ -107,6 +107,10 @@ fn describe() {
         "Stripe events received, by type and outcome (processed, ignored, duplicate, failed, rejected)."
     );
     describe_counter!(
+        "stripe_reconciled_events_total",
+        "Stripe events found by reconcile, by type and outcome (already_processed, processed, ignored, failed, rejected)."
+    );
+    describe_counter!(
         "stripe_webhook_signature_failures_total",
         "Webhook deliveries refused for their signature, by reason."
     );

@@ -520,9 +520,14 @@ async fn a_maintenance_run_is_continued_only_by_the_session_that_started_it(
     );
     assert_eq!(again, "22023", "a finished run is not finished twice");
     // The lock went with the finish: the next run starts anywhere.
-    let next = maintenance::run(&mut second, maintenance::Task::Monthly, Default::default())
-        .await
-        .unwrap();
+    let next = maintenance::run(
+        &mut second,
+        maintenance::Task::Monthly,
+        Default::default(),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(next.outcome, "ok");
 }
 

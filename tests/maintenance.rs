@@ -6,7 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use amethyst_credits::maintenance::{self, Archival, Task};
+use amethyst_credits::stripe::reconcile::Reconciler;
 use common::binary::{Binary, Database, sample};
+use common::stripe::{Breakage, FakeStripe, checkout_session, event, event_id, stripe_config};
 use common::{TestApp, service_role_key};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -15,7 +17,7 @@ use uuid::Uuid;
 
 async fn run(app: &TestApp, task: Task, archival: Archival) -> maintenance::MaintenanceRun {
     let mut conn = PgConnection::connect_with(&app.connect).await.unwrap();
-    maintenance::run(&mut conn, task, archival)
+    maintenance::run(&mut conn, task, archival, None)
         .await
         .expect("maintenance runs")
 }
@@ -274,7 +276,7 @@ async fn an_archival_killed_between_batches_recovers_on_the_next_run(
         ..Archival::default()
     };
     let running =
-        tokio::spawn(async move { maintenance::run(&mut victim, Task::Monthly, slow).await });
+        tokio::spawn(async move { maintenance::run(&mut victim, Task::Monthly, slow, None).await });
     let mut waited = 0;
     while count(
         &app,
@@ -532,4 +534,101 @@ async fn without_pg_cron_no_job_is_attempted(pool: PgPoolOptions, connect: PgCon
         count(&app, "select count(*) from information_schema.columns where table_name = 'images' and column_name = 'embedding'").await,
         0
     );
+}
+
+/// A test app with Stripe configured at a local fake, and one purchase Stripe never delivered:
+/// (app, fake, buyer).
+async fn app_with_an_undelivered_purchase(
+    connect: PgConnectOptions,
+) -> (TestApp, FakeStripe, Uuid) {
+    let stripe = FakeStripe::start().await;
+    let app = TestApp::with_config(connect, stripe_config(&stripe.url)).await;
+    let user = app.user().await;
+    let pack = Uuid::new_v4();
+    sqlx::query(
+        "insert into public.credit_packs (id, name, credits, kind, stripe_price_id, unit_amount, currency, active)
+         values ($1, '100 credits', 100, 'one_time', 'price_daily', 999, 'usd', true)",
+    )
+    .bind(pack)
+    .execute(&app.owner)
+    .await
+    .unwrap();
+    let session = format!("cs_test_{}", Uuid::new_v4().simple());
+    let payment_intent = format!("pi_{}", Uuid::new_v4().simple());
+    stripe.publish([event(
+        &event_id(),
+        "checkout.session.completed",
+        checkout_session(&session, user.id, pack, 100, &payment_intent, "paid"),
+    )]);
+    (app, stripe, user.id)
+}
+
+async fn daily_with_stripe(app: &TestApp) -> maintenance::MaintenanceRun {
+    let mut conn = PgConnection::connect_with(&app.connect).await.unwrap();
+    maintenance::run(
+        &mut conn,
+        Task::Daily,
+        Archival::default(),
+        Reconciler::from_state(&app.state),
+    )
+    .await
+    .expect("maintenance runs")
+}
+
+#[sqlx::test]
+async fn daily_reconciles_with_stripe_and_records_what_it_found(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, _stripe, buyer) = app_with_an_undelivered_purchase(connect).await;
+
+    let report = daily_with_stripe(&app).await;
+
+    assert_eq!(report.outcome, "ok", "{}", report.findings);
+    assert_eq!(
+        report.findings["reconcile"],
+        json!({"listed": 1, "already_processed": 0, "processed": 1, "failed": 0,
+               "failures": [], "outcome": "ok"})
+    );
+    assert_eq!(app.balance(buyer).await, 100);
+    // The SQL tasks ran and kept their findings beside it.
+    assert_eq!(report.findings["ledger"]["discrepancies"], 0);
+    assert_eq!(report.findings["stripe_events"]["unsettled"], 0);
+    let stored: serde_json::Value = sqlx::query_scalar(
+        "select findings -> 'reconcile' from public.maintenance_runs where id = $1",
+    )
+    .bind(report.id)
+    .fetch_one(&app.owner)
+    .await
+    .unwrap();
+    assert_eq!(stored, report.findings["reconcile"]);
+}
+
+#[sqlx::test]
+async fn a_daily_run_whose_reconciliation_fails_is_not_ok_and_still_does_the_other_tasks(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let (app, stripe, buyer) = app_with_an_undelivered_purchase(connect).await;
+    *stripe.state.events_break.lock().unwrap() = Some((0, Breakage::ServerError));
+    sqlx::query(
+        "insert into public.idempotency_keys (owner, key, request_hash, status_code, response_body, created_at)
+         values ('u', 'old', '\\x00', 201, '\\x7b7d', now() - interval '25 hours')",
+    )
+    .execute(&app.owner)
+    .await
+    .unwrap();
+
+    let report = daily_with_stripe(&app).await;
+
+    assert_eq!(report.outcome, "failed", "{}", report.findings);
+    assert_eq!(report.findings["reconcile"]["outcome"], "failed");
+    let error = report.findings["reconcile"]["error"].as_str().unwrap();
+    assert!(error.contains("could not list Stripe's events"), "{error}");
+    assert_eq!(app.balance(buyer).await, 0);
+    assert_eq!(report.findings["ledger"]["discrepancies"], 0);
+    assert_eq!(report.findings["idempotency_keys_removed"], 1);
+    assert!(report.findings["analyzed"].is_array());
 }

@@ -1,7 +1,9 @@
 //! Stripe: Checkout Sessions for credit packs, and the webhook that turns Stripe's events into
-//! grants, take-backs and subscription state — exactly once per Stripe object.
+//! grants, take-backs and subscription state — exactly once per Stripe object; and the
+//! reconciliation that hands the webhook any event Stripe could not deliver.
 
 pub mod checkout;
+pub mod reconcile;
 pub mod signature;
 pub mod webhook;
 

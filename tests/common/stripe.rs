@@ -1,5 +1,5 @@
-//! A local stand-in for Stripe: its API (Checkout Sessions, invoice payments, payment intents)
-//! over HTTP, and webhook events in Stripe's object shapes (field names as in Stripe's OpenAPI
+//! A local stand-in for Stripe: its API (Checkout Sessions, invoice payments, payment intents,
+//! the event list) over HTTP, and webhook events in Stripe's object shapes (field names as in Stripe's OpenAPI
 //! fixtures), signed as Stripe signs.
 #![allow(dead_code)]
 
@@ -51,6 +51,21 @@ pub struct FakeState {
     pub refuse: Mutex<Option<(u16, Value)>>,
     sessions_by_key: Mutex<HashMap<String, Value>>,
     counter: AtomicUsize,
+    /// The account's events, as `GET /v1/events` lists them (see [`FakeStripe::publish`]).
+    events: Mutex<Vec<Value>>,
+    /// Pages of the event list served so far.
+    pub event_pages_served: AtomicUsize,
+    /// From the given page on (0 is the first), the event list breaks this way.
+    pub events_break: Mutex<Option<(usize, Breakage)>>,
+}
+
+/// How the event list misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breakage {
+    /// 500, as Stripe answers when it has trouble of its own.
+    ServerError,
+    /// No answer for a minute.
+    Stall,
 }
 
 pub struct FakeStripe {
@@ -68,6 +83,7 @@ impl FakeStripe {
                 "/v1/payment_intents/{id}",
                 axum::routing::get(payment_intent),
             )
+            .route("/v1/events", axum::routing::get(list_events))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -78,6 +94,133 @@ impl FakeStripe {
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.requests.lock().unwrap().clone()
     }
+
+    /// Adds events to the account's event list (Stripe lists them newest first by `created`,
+    /// the later published first among events of the same second).
+    pub fn publish(&self, events: impl IntoIterator<Item = Value>) {
+        self.state.events.lock().unwrap().extend(events);
+    }
+
+    /// The requests made to the event list.
+    pub fn event_list_requests(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == "/v1/events")
+            .collect()
+    }
+}
+
+/// `GET /v1/events`: the account's events of `types[]` created at or after `created[gte]`,
+/// newest first, `limit` (1 to 100, default 10) at a time after `starting_after`, in Stripe's
+/// list shape.
+async fn list_events(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let query = query.unwrap_or_default();
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    state.requests.lock().unwrap().push(Recorded {
+        path: "/v1/events".to_owned(),
+        authorization: header("authorization"),
+        idempotency_key: header("idempotency-key"),
+        stripe_version: header("stripe-version"),
+        content_type: None,
+        form: params.clone(),
+    });
+    let page = state.event_pages_served.load(Ordering::SeqCst);
+    let breakage = *state.events_break.lock().unwrap();
+    match breakage {
+        Some((from, Breakage::ServerError)) if page >= from => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(
+                    json!({"error": {"type": "api_error", "message": "An unknown error occurred"}}),
+                ),
+            )
+                .into_response();
+        }
+        Some((from, Breakage::Stall)) if page >= from => {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        }
+        _ => {}
+    }
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let invalid = |message: &str, param: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": {"message": message, "param": param, "type": "invalid_request_error"}})),
+        )
+            .into_response()
+    };
+    let limit = match param("limit").map(str::parse::<usize>) {
+        None => 10,
+        Some(Ok(n)) if (1..=100).contains(&n) => n,
+        _ => return invalid("Invalid integer: limit must be between 1 and 100", "limit"),
+    };
+    let types: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k == "types[]")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if types.len() > 20 {
+        return invalid("You may pass at most 20 types", "types");
+    }
+    let since: i64 = param("created[gte]")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+
+    // Newest first; among events of the same second, the later published first.
+    let mut listed: Vec<Value> = state
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .filter(|e| e["created"].as_i64().unwrap_or(0) >= since)
+        .filter(|e| types.is_empty() || types.contains(&e["type"].as_str().unwrap_or("")))
+        .cloned()
+        .collect();
+    listed.sort_by_key(|e| std::cmp::Reverse(e["created"].as_i64().unwrap_or(0)));
+    if let Some(after) = param("starting_after") {
+        match listed.iter().position(|e| e["id"] == after) {
+            Some(at) => {
+                listed.drain(..=at);
+            }
+            None => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    axum::Json(json!({"error": {"code": "resource_missing",
+                        "message": format!("No such event: '{after}'"),
+                        "param": "starting_after", "type": "invalid_request_error"}})),
+                )
+                    .into_response();
+            }
+        }
+    }
+    let has_more = listed.len() > limit;
+    listed.truncate(limit);
+    state.event_pages_served.fetch_add(1, Ordering::SeqCst);
+    axum::Json(json!({
+        "object": "list",
+        "data": listed,
+        "has_more": has_more,
+        "url": "/v1/events"
+    }))
+    .into_response()
 }
 
 async fn create_session(
@@ -331,6 +474,12 @@ pub fn event(id: &str, kind: &str, object: Value) -> Value {
         "request": {"id": null, "idempotency_key": null},
         "type": kind
     })
+}
+
+/// `delivery` as created at `created` (a Unix time).
+pub fn created_at(mut delivery: Value, created: i64) -> Value {
+    delivery["created"] = json!(created);
+    delivery
 }
 
 pub fn event_id() -> String {

@@ -11,6 +11,10 @@
 //! the other mode than the secret key's (test or live), is recorded as `rejected` and answered
 //! with a 200 so that it is not retried for days.
 //!
+//! The HTTP handler checks the signature; everything after it is [`deliver`], which
+//! `amethyst-credits reconcile` (see [`super::reconcile`]) calls with the events it finds in
+//! Stripe's event list, so that both routes share one claim and one set of rules.
+//!
 //! This module receives, verifies, claims and dispatches; each family of events is handled in
 //! a module of its own: [`purchases`] (Checkout), [`refunds`] (refunds and disputes) and
 //! [`subscriptions`] (subscriptions and their invoices).
@@ -28,7 +32,7 @@ use chrono::Utc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::{Acquire, PgConnection};
+use sqlx::{Acquire, PgConnection, PgPool};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -37,6 +41,7 @@ use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::whole_numbers_as_integers;
 use crate::limits;
 use crate::state::AppState;
+use crate::stripe_api::StripeClient;
 
 /// Largest webhook body.
 pub const WEBHOOK_BODY_LIMIT_BYTES: usize = limits::WEBHOOK_BODY_BYTES;
@@ -98,6 +103,64 @@ pub async fn receive(
 
     let payload: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::field("body", format!("not JSON: {e}")))?;
+    let (event, delivery) = deliver(&state.pool, state.stripe.as_ref(), payload).await?;
+    record(&event.kind, delivery.outcome());
+    match delivery {
+        Delivery::Duplicate => Ok(Json(WebhookReceipt {
+            received: true,
+            duplicate: true,
+        })),
+        Delivery::Processed | Delivery::Ignored | Delivery::Rejected(_) => {
+            Ok(Json(WebhookReceipt {
+                received: true,
+                duplicate: false,
+            }))
+        }
+        Delivery::Failed(_) => Err(ApiError::Unavailable("the event could not be handled yet")),
+    }
+}
+
+/// What became of an event handed to [`deliver`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Handled before (or being handled by someone else right now): nothing was done again.
+    Duplicate,
+    /// Acted on.
+    Processed,
+    /// Of a type, or in a state, that the service does not act on; recorded.
+    Ignored,
+    /// Malformed, or of the other mode than the secret key's: recorded, never retried.
+    Rejected(String),
+    /// A retry may cure it (an unknown user, database trouble): recorded as `failed`, and the
+    /// next delivery or reconciliation handles it afresh.
+    Failed(String),
+}
+
+impl Delivery {
+    /// The outcome as the metrics and `stripe_events.status` name it.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Delivery::Duplicate => "duplicate",
+            Delivery::Processed => "processed",
+            Delivery::Ignored => "ignored",
+            Delivery::Rejected(_) => "rejected",
+            Delivery::Failed(_) => "failed",
+        }
+    }
+}
+
+/// The one path every Stripe event takes, whether a webhook delivered it or a reconciliation
+/// found it in Stripe's event list: checked, looked up, claimed, handled and recorded, in one
+/// transaction. The claim makes it exactly once: a concurrent delivery of the same event, by
+/// either route, waits on the claim and then finds it settled.
+///
+/// An `Err` means nothing was recorded: the payload is not a Stripe event (422 for a webhook),
+/// or the database could not be used.
+pub async fn deliver(
+    pool: &PgPool,
+    stripe: Option<&StripeClient>,
+    payload: Value,
+) -> Result<(StripeEvent, Delivery), ApiError> {
     let event: StripeEvent = serde_json::from_value(whole_numbers_as_integers(payload.clone()))
         .map_err(|e| ApiError::field("body", format!("not a Stripe event: {e}")))?;
     // Kept for the record; PostgreSQL's jsonb cannot hold a NUL character, which Stripe never
@@ -108,9 +171,7 @@ pub async fn receive(
     // An event of the other mode than the key's (a test event at a live deployment, or the
     // reverse) is recorded and refused, never acted on. Without a key there is no mode to hold
     // events to.
-    let wrong_mode = state
-        .stripe
-        .as_ref()
+    let wrong_mode = stripe
         .filter(|stripe| stripe.livemode() != event.livemode)
         .map(|stripe| {
             format!(
@@ -123,11 +184,11 @@ pub async fn receive(
     // Anything to ask Stripe is asked before the transaction opens: no row lock or pooled
     // connection is held while Stripe answers.
     let lookups = match wrong_mode {
-        None => Lookups::gather(&state, &event).await,
+        None => Lookups::gather(stripe, &event).await,
         Some(_) => Lookups::default(),
     };
 
-    let mut tx = state.pool.begin().await?;
+    let mut tx = pool.begin().await?;
     // Claim the event: a new id, or one whose earlier handling failed. A concurrent delivery
     // waits here on the primary key until this transaction ends.
     let claimed = sqlx::query_scalar!(
@@ -150,11 +211,7 @@ pub async fn receive(
     .await?;
     if claimed.is_none() {
         tx.rollback().await?;
-        record(&event.kind, "duplicate");
-        return Ok(Json(WebhookReceipt {
-            received: true,
-            duplicate: true,
-        }));
+        return Ok((event, Delivery::Duplicate));
     }
 
     // The handler runs inside a savepoint: whatever it did is undone if it fails, while the
@@ -171,42 +228,38 @@ pub async fn receive(
         }
         outcome
     };
-    let (status, error) = match &outcome {
-        Ok(Handled::Processed) => ("processed", None),
-        Ok(Handled::Ignored) => ("ignored", None),
-        Err(Failure::Permanent(why)) => ("rejected", Some(why.clone())),
-        Err(Failure::Retry(why)) => ("failed", Some(why.clone())),
+    let delivery = match outcome {
+        Ok(Handled::Processed) => Delivery::Processed,
+        Ok(Handled::Ignored) => Delivery::Ignored,
+        Err(Failure::Permanent(why)) => Delivery::Rejected(why),
+        Err(Failure::Retry(why)) => Delivery::Failed(why),
+    };
+    let error = match &delivery {
+        Delivery::Rejected(why) | Delivery::Failed(why) => Some(why.as_str()),
+        _ => None,
     };
     sqlx::query!(
         "update public.stripe_events set status = $2, error = $3,
                 processed_at = case when $2 in ('processed', 'ignored') then now() end
           where id = $1",
         &event.id,
-        status,
-        error.as_deref(),
+        delivery.outcome(),
+        error,
     )
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    record(&event.kind, status);
 
-    match outcome {
-        Ok(_) => Ok(Json(WebhookReceipt {
-            received: true,
-            duplicate: false,
-        })),
-        Err(Failure::Permanent(why)) => {
+    match &delivery {
+        Delivery::Rejected(why) => {
             tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "rejected a Stripe event");
-            Ok(Json(WebhookReceipt {
-                received: true,
-                duplicate: false,
-            }))
         }
-        Err(Failure::Retry(why)) => {
-            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "handling a Stripe event failed; Stripe will retry");
-            Err(ApiError::Unavailable("the event could not be handled yet"))
+        Delivery::Failed(why) => {
+            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "handling a Stripe event failed; a redelivery or reconciliation will retry");
         }
+        _ => {}
     }
+    Ok((event, delivery))
 }
 
 fn mode_name(livemode: bool) -> &'static str {
@@ -224,8 +277,7 @@ struct Lookups {
 }
 
 impl Lookups {
-    async fn gather(state: &AppState, event: &StripeEvent) -> Self {
-        let stripe = state.stripe.as_ref();
+    async fn gather(stripe: Option<&StripeClient>, event: &StripeEvent) -> Self {
         Lookups {
             invoice_payment: subscriptions::look_up_payment(stripe, event).await,
             checkout_charge: purchases::look_up_charge(stripe, event).await,
@@ -233,9 +285,9 @@ impl Lookups {
     }
 }
 
-/// The event types this service acts on; metrics label any other as `other`, so a label's
-/// values come from a closed set.
-const HANDLED_TYPES: &[&str] = &[
+/// The event types this service acts on (and `reconcile` lists); metrics label any other as
+/// `other`, so a label's values come from a closed set.
+pub const HANDLED_TYPES: &[&str] = &[
     "checkout.session.completed",
     "checkout.session.async_payment_succeeded",
     "checkout.session.async_payment_failed",
@@ -249,12 +301,17 @@ const HANDLED_TYPES: &[&str] = &[
     "invoice.paid",
 ];
 
-fn record(kind: &str, outcome: &'static str) {
-    let kind = HANDLED_TYPES
+/// `kind` as a metric label: a handled type, or `other`.
+pub fn type_label(kind: &str) -> &'static str {
+    HANDLED_TYPES
         .iter()
         .find(|t| **t == kind)
         .copied()
-        .unwrap_or("other");
+        .unwrap_or("other")
+}
+
+fn record(kind: &str, outcome: &'static str) {
+    let kind = type_label(kind);
     metrics::counter!("stripe_webhook_events_total", "type" => kind, "outcome" => outcome)
         .increment(1);
 }
@@ -286,6 +343,16 @@ pub struct EventData {
 const LATEST_CREATED: i64 = 253_402_300_799;
 
 impl StripeEvent {
+    /// `evt_…`
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Such as `checkout.session.completed`.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
     /// What the events table can hold and Stripe sends: ids of letters, digits and `_`,
     /// types of lower-case letters, digits, `.` and `_`, a creation time within range.
     fn check(&self) -> Result<(), ApiError> {
