@@ -245,7 +245,12 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
     if !no_migrate {
         db::migrate(&options).await?;
     }
-    let pool = db::connect(options, config.database_max_connections).await?;
+    let pool = db::connect(
+        options,
+        config.database_max_connections,
+        config.database_statement_timeout,
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(config.bind_addr)
         .await
         .with_context(|| format!("could not listen on {} (BIND_ADDR)", config.bind_addr))?;

@@ -33,7 +33,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::signature::{self, SignatureError};
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::db;
+use crate::error::{ApiError, ApiResult, DatabaseFault, Problem, database_fault};
 use crate::extract::whole_numbers_as_integers;
 use crate::limits;
 use crate::state::AppState;
@@ -127,6 +128,56 @@ pub async fn receive(
         Some(_) => Lookups::default(),
     };
 
+    // The claim, the handling and the recorded outcome are one unit of work: a conflict with
+    // another transaction rolls all of it back and it runs again.
+    let delivery = db::retrying_conflicts(|| {
+        claim_and_handle(&state, &event, &payload, wrong_mode.as_deref(), &lookups)
+    })
+    .await?;
+
+    match delivery {
+        Delivery::Duplicate => Ok(Json(WebhookReceipt {
+            received: true,
+            duplicate: true,
+        })),
+        Delivery::Handled(Ok(_)) => Ok(Json(WebhookReceipt {
+            received: true,
+            duplicate: false,
+        })),
+        Delivery::Handled(Err(Failure::Permanent(why))) => {
+            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "rejected a Stripe event");
+            Ok(Json(WebhookReceipt {
+                received: true,
+                duplicate: false,
+            }))
+        }
+        Delivery::Handled(Err(Failure::Retry(why))) => {
+            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "handling a Stripe event failed; Stripe will retry");
+            Err(ApiError::Unavailable("the event could not be handled yet"))
+        }
+        // claim_and_handle answers a conflict as ApiError::Conflict.
+        Delivery::Handled(Err(Failure::Conflict)) => Err(ApiError::Conflict),
+    }
+}
+
+/// What became of a delivery.
+enum Delivery {
+    /// The event id was handled before: nothing was done.
+    Duplicate,
+    /// The event was claimed, handled and its outcome recorded, all committed.
+    Handled(Outcome),
+}
+
+/// Claims the event, hands it to its handler and records the outcome, in one transaction. A
+/// failure of the database itself (unreachable, restarting) commits nothing, so the event
+/// stays unclaimed and Stripe's retry handles it afresh.
+async fn claim_and_handle(
+    state: &AppState,
+    event: &StripeEvent,
+    payload: &Value,
+    wrong_mode: Option<&str>,
+    lookups: &Lookups,
+) -> ApiResult<Delivery> {
     let mut tx = state.pool.begin().await?;
     // Claim the event: a new id, or one whose earlier handling failed. A concurrent delivery
     // waits here on the primary key until this transaction ends.
@@ -144,26 +195,23 @@ pub async fn receive(
         event.api_version.as_deref(),
         event.livemode,
         event.created.map(|c| c as f64),
-        &payload,
+        payload,
     )
     .fetch_optional(&mut *tx)
     .await?;
     if claimed.is_none() {
         tx.rollback().await?;
         record(&event.kind, "duplicate");
-        return Ok(Json(WebhookReceipt {
-            received: true,
-            duplicate: true,
-        }));
+        return Ok(Delivery::Duplicate);
     }
 
     // The handler runs inside a savepoint: whatever it did is undone if it fails, while the
     // outcome is still recorded on the event row.
     let outcome = if let Some(why) = wrong_mode {
-        Err(Failure::Permanent(why))
+        Err(Failure::Permanent(why.to_owned()))
     } else {
         let mut savepoint = (&mut *tx).begin().await?;
-        let outcome = dispatch(&mut savepoint, &event, &lookups).await;
+        let outcome = dispatch(&mut savepoint, event, lookups).await;
         if outcome.is_ok() {
             savepoint.commit().await?;
         } else {
@@ -176,6 +224,8 @@ pub async fn receive(
         Ok(Handled::Ignored) => ("ignored", None),
         Err(Failure::Permanent(why)) => ("rejected", Some(why.clone())),
         Err(Failure::Retry(why)) => ("failed", Some(why.clone())),
+        // The whole transaction (claim included) is rolled back and runs again.
+        Err(Failure::Conflict) => return Err(ApiError::Conflict),
     };
     sqlx::query!(
         "update public.stripe_events set status = $2, error = $3,
@@ -189,24 +239,7 @@ pub async fn receive(
     .await?;
     tx.commit().await?;
     record(&event.kind, status);
-
-    match outcome {
-        Ok(_) => Ok(Json(WebhookReceipt {
-            received: true,
-            duplicate: false,
-        })),
-        Err(Failure::Permanent(why)) => {
-            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "rejected a Stripe event");
-            Ok(Json(WebhookReceipt {
-                received: true,
-                duplicate: false,
-            }))
-        }
-        Err(Failure::Retry(why)) => {
-            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "handling a Stripe event failed; Stripe will retry");
-            Err(ApiError::Unavailable("the event could not be handled yet"))
-        }
-    }
+    Ok(Delivery::Handled(outcome))
 }
 
 fn mode_name(livemode: bool) -> &'static str {
@@ -328,10 +361,16 @@ enum Failure {
     Permanent(String),
     /// Might work later (unknown user, database trouble): Stripe should retry.
     Retry(String),
+    /// The database rolled the transaction back for a serialization failure or a deadlock:
+    /// the whole delivery runs again at once.
+    Conflict,
 }
 
 impl From<sqlx::Error> for Failure {
     fn from(err: sqlx::Error) -> Self {
+        if database_fault(&err) == Some(DatabaseFault::Conflict) {
+            return Failure::Conflict;
+        }
         if let sqlx::Error::Database(db) = &err
             && db.code().as_deref() == Some("AC404")
         {
