@@ -24,7 +24,7 @@ use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::limits;
 use crate::profiles::{self, Profile, ProfileRow};
 use crate::state::AppState;
-use crate::telemetry;
+use crate::{db, telemetry};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -242,11 +242,35 @@ pub async fn adjust_credits(
     let actor = admin.actor();
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
     let owner = format!("admin:{actor}");
-    let mut work =
-        match idempotency::try_processing(&state.pool, &owner, key.as_deref(), &hash).await? {
-            Claim::Replay(answer) => return Ok(answer),
-            Claim::Start(work) => work,
-        };
+    // The claim of the key, the adjustment and the stored answer are one unit of work: a
+    // conflict rolls all of it back and it runs again.
+    db::retrying_conflicts(|| {
+        adjust_once(
+            &state,
+            id,
+            &owner,
+            key.as_deref(),
+            &hash,
+            request.amount,
+            reason.as_deref(),
+        )
+    })
+    .await
+}
+
+async fn adjust_once(
+    state: &AppState,
+    id: uuid::Uuid,
+    owner: &str,
+    key: Option<&str>,
+    hash: &[u8],
+    amount: i64,
+    reason: Option<&str>,
+) -> ApiResult<Response> {
+    let mut work = match idempotency::try_processing(&state.pool, owner, key, hash).await? {
+        Claim::Replay(answer) => return Ok(answer),
+        Claim::Start(work) => work,
+    };
     let transaction = sqlx::query_as!(
         Transaction,
         r#"select id as "id!", amount as "amount!", balance_after as "balance_after!",
@@ -254,9 +278,9 @@ pub async fn adjust_credits(
                   seq as "seq!"
              from public.add_credits($1, $2, 'admin', $3, $4)"#,
         id,
-        request.amount as i32,
-        reason.as_deref(),
-        &owner,
+        amount as i32,
+        reason,
+        owner,
     )
     .fetch_one(work.conn())
     .await?;
@@ -270,10 +294,10 @@ pub async fn adjust_credits(
             },
         )
         .await?;
-    if request.amount > 0 {
-        telemetry::credits_granted("admin", request.amount);
+    if amount > 0 {
+        telemetry::credits_granted("admin", amount);
     } else {
-        telemetry::credits_spent("admin", -request.amount);
+        telemetry::credits_spent("admin", -amount);
     }
     Ok(answer)
 }

@@ -25,7 +25,7 @@ use crate::extract::{ApiJson, check_text};
 use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::limits;
 use crate::state::AppState;
-use crate::telemetry;
+use crate::{db, telemetry};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -132,7 +132,10 @@ pub async fn record_view(
     }
 
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
-    let result = record(&state, &user, key.as_deref(), &hash, &request).await;
+    // The claim of the key, the view and the stored answer are one unit of work: a conflict
+    // rolls all of it back and it runs again.
+    let result =
+        db::retrying_conflicts(|| record(&state, &user, key.as_deref(), &hash, &request)).await;
     let outcome = match &result {
         Ok(_) => "accepted",
         Err(ApiError::DailyAdLimitReached { .. }) => "refused",

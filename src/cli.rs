@@ -220,9 +220,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// The shared state on a small pool, for the verbs that reach Stripe.
 async fn connect_state(config: Config) -> anyhow::Result<AppState> {
     let options = db::connect_options(config.database_url.expose())?;
-    let pool = db::connect(options, config.database_max_connections.min(4))
-        .await
-        .context("could not connect to the database")?;
+    let pool = db::connect(
+        options,
+        config.database_max_connections.min(4),
+        config.database_statement_timeout,
+    )
+    .await
+    .context("could not connect to the database")?;
     Ok(AppState::new(config, pool))
 }
 
@@ -292,7 +296,12 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
     if !no_migrate {
         db::migrate(&options).await?;
     }
-    let pool = db::connect(options, config.database_max_connections).await?;
+    let pool = db::connect(
+        options,
+        config.database_max_connections,
+        config.database_statement_timeout,
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(config.bind_addr)
         .await
         .with_context(|| format!("could not listen on {} (BIND_ADDR)", config.bind_addr))?;

@@ -94,6 +94,9 @@ pub struct Config {
     /// May hold a password: printed only on purpose.
     pub database_url: Secret,
     pub database_max_connections: u32,
+    /// `DATABASE_STATEMENT_TIMEOUT_SECONDS`: the longest a statement of the service may run;
+    /// zero for no limit.
+    pub database_statement_timeout: Duration,
     pub bind_addr: SocketAddr,
     pub jwt: JwtConfig,
     pub stripe: StripeConfig,
@@ -282,6 +285,11 @@ impl Config {
         if database_max_connections == 0 {
             return Err(invalid("DATABASE_MAX_CONNECTIONS", "must be at least 1"));
         }
+        let database_statement_timeout = Duration::from_secs(parse_number(
+            "DATABASE_STATEMENT_TIMEOUT_SECONDS",
+            get("DATABASE_STATEMENT_TIMEOUT_SECONDS"),
+            10,
+        )?);
 
         let bind_addr = get("BIND_ADDR")
             .unwrap_or_else(|| "127.0.0.1:8080".to_owned())
@@ -449,6 +457,7 @@ impl Config {
         Ok(Config {
             database_url,
             database_max_connections,
+            database_statement_timeout,
             bind_addr,
             jwt: JwtConfig {
                 secret,
@@ -604,6 +613,16 @@ mod tests {
         assert!(!c.ads.allows_ad_unit(Some("333")) && !c.ads.allows_ad_unit(None));
         let err = config(&[("ADS_VERIFICATION", "trust-me")]).unwrap_err();
         assert_eq!(err.variable, "ADS_VERIFICATION");
+    }
+
+    #[test]
+    fn the_statement_timeout_is_ten_seconds_unless_configured() {
+        let default = config(&[]).unwrap();
+        assert_eq!(default.database_statement_timeout, Duration::from_secs(10));
+        let set = config(&[("DATABASE_STATEMENT_TIMEOUT_SECONDS", "3")]).unwrap();
+        assert_eq!(set.database_statement_timeout, Duration::from_secs(3));
+        let err = config(&[("DATABASE_STATEMENT_TIMEOUT_SECONDS", "2.5")]).unwrap_err();
+        assert_eq!(err.variable, "DATABASE_STATEMENT_TIMEOUT_SECONDS");
     }
 
     #[test]

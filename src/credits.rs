@@ -18,7 +18,7 @@ use crate::extract::{ApiJson, ApiQuery, List, Page, PageParams, check_text};
 use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::limits;
 use crate::state::AppState;
-use crate::telemetry;
+use crate::{db, telemetry};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -168,13 +168,25 @@ pub async fn spend(
     }
 
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
-    let mut work =
-        match idempotency::try_processing(&state.pool, &user.id.to_string(), key.as_deref(), &hash)
-            .await?
-        {
-            Claim::Replay(answer) => return Ok(answer),
-            Claim::Start(work) => work,
-        };
+    let owner = user.id.to_string();
+    // The claim of the key, the spend and the stored answer are one unit of work: a conflict
+    // rolls all of it back and it runs again.
+    db::retrying_conflicts(|| spend_once(&state, &user, &owner, key.as_deref(), &hash, &request))
+        .await
+}
+
+async fn spend_once(
+    state: &AppState,
+    user: &AuthUser,
+    owner: &str,
+    key: Option<&str>,
+    hash: &[u8],
+    request: &SpendRequest,
+) -> ApiResult<Response> {
+    let mut work = match idempotency::try_processing(&state.pool, owner, key, hash).await? {
+        Claim::Replay(answer) => return Ok(answer),
+        Claim::Start(work) => work,
+    };
     let transaction = sqlx::query_as!(
         Transaction,
         r#"select id as "id!", amount as "amount!", balance_after as "balance_after!",

@@ -9,6 +9,10 @@ use utoipa::ToSchema;
 /// The media type of every error answer.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// The `Retry-After` of `503 unavailable`: a fault of the database or of the time limit, which
+/// a retry after a short pause may not meet again (a restarting PostgreSQL is back in seconds).
+pub const UNAVAILABLE_RETRY_AFTER_SECONDS: u64 = 1;
+
 /// One field that failed validation.
 #[derive(Debug, Clone, Serialize, ToSchema, PartialEq, Eq)]
 pub struct FieldError {
@@ -87,6 +91,11 @@ pub enum ApiError {
     Stripe(&'static str),
     #[error("unavailable: {0}")]
     Unavailable(&'static str),
+    /// The database rolled the transaction back to let a conflicting one finish (40001,
+    /// 40P01): nothing was committed, so [`crate::db::retrying_conflicts`] runs the work again;
+    /// answered 503 `unavailable` once its attempts are spent.
+    #[error("the database rolled the transaction back (serialization failure or deadlock)")]
+    Conflict,
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -112,7 +121,9 @@ impl ApiError {
             Self::AdSessionRequired | Self::TooManyAdSessions => StatusCode::CONFLICT,
             Self::AdSessionExpired => StatusCode::GONE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::StripeNotConfigured | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StripeNotConfigured | Self::Unavailable(_) | Self::Conflict => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Stripe(_) => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -138,7 +149,7 @@ impl ApiError {
             Self::RateLimited { .. } => "rate_limited",
             Self::StripeNotConfigured => "stripe_not_configured",
             Self::Stripe(_) => "stripe_error",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable(_) | Self::Conflict => "unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -163,7 +174,7 @@ impl ApiError {
             Self::RateLimited { .. } => "Too many requests",
             Self::StripeNotConfigured => "Payments are not configured",
             Self::Stripe(_) => "The payment provider failed",
-            Self::Unavailable(_) => "Service unavailable",
+            Self::Unavailable(_) | Self::Conflict => "Service unavailable",
             Self::Internal(_) => "Internal error",
         }
     }
@@ -218,6 +229,9 @@ impl ApiError {
             Self::StripeNotConfigured => "Stripe is not configured on this server.".to_owned(),
             Self::Stripe(why) => format!("{why}."),
             Self::Unavailable(why) => format!("{why}; retry shortly."),
+            Self::Conflict => {
+                "The database is busy with conflicting work; retry shortly.".to_owned()
+            }
             Self::Internal(_) => "Something went wrong on our side; it has been logged.".to_owned(),
         }
     }
@@ -267,6 +281,12 @@ impl IntoResponse for ApiError {
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
             }
+            Self::Unavailable(_) | Self::Conflict => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECONDS),
+                );
+            }
             _ => {}
         }
         response
@@ -277,8 +297,8 @@ impl IntoResponse for ApiError {
 /// business refusals (see `migrations/*_credit_functions.sql`).
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        match &err {
-            sqlx::Error::Database(db) => match db.code().as_deref() {
+        if let sqlx::Error::Database(db) = &err {
+            match db.code().as_deref() {
                 Some("AC402") => return Self::InsufficientCredits,
                 Some("AC404") => return Self::ProfileNotFound,
                 Some("ACS04") => return Self::NotFound("ad session"),
@@ -308,18 +328,68 @@ impl From<sqlx::Error> for ApiError {
                     return Self::field("amount", "the resulting balance would be out of range");
                 }
                 _ => {}
-            },
-            sqlx::Error::PoolTimedOut => {
-                tracing::warn!("no database connection became free in time");
-                return Self::Unavailable("the database is busy");
             }
-            sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                tracing::warn!(error = %err, "database unreachable");
-                return Self::Unavailable("the database is unreachable");
-            }
-            _ => {}
         }
-        Self::Internal(anyhow::Error::new(err))
+        match database_fault(&err) {
+            Some(DatabaseFault::Conflict) => Self::Conflict,
+            Some(DatabaseFault::Unavailable(why)) => {
+                let sqlstate = match &err {
+                    sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+                    _ => None,
+                };
+                tracing::warn!(error = %err, sqlstate, "database fault: answered 503");
+                Self::Unavailable(why)
+            }
+            None => Self::Internal(anyhow::Error::new(err)),
+        }
+    }
+}
+
+/// A database failure that is not the request's fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseFault {
+    /// 40001 `serialization_failure`, 40P01 `deadlock_detected`: the database rolled the
+    /// transaction back so that another could finish. Nothing was committed: the unit of work
+    /// may run again from its start.
+    Conflict,
+    /// The database cannot serve the request now (unreachable, restarting, out of resources,
+    /// too slow): a later attempt may succeed. What it is, in words.
+    Unavailable(&'static str),
+}
+
+/// Which failures are faults of the database rather than of the request or of the code
+/// (README, "Faults"); `None` for everything else, which stays a 500 unless it has a meaning
+/// of its own.
+pub fn database_fault(err: &sqlx::Error) -> Option<DatabaseFault> {
+    match err {
+        sqlx::Error::Database(db) => {
+            let code = db.code()?;
+            let fault = match (code.get(..2)?, code.as_ref()) {
+                (_, "40001" | "40P01") => DatabaseFault::Conflict,
+                // The commit's outcome is unknown: the idempotency key of a retry settles it.
+                (_, "40003") => DatabaseFault::Unavailable("the database lost track of a commit"),
+                // Connection exceptions.
+                ("08", _) => DatabaseFault::Unavailable("the connection to the database failed"),
+                // A statement timeout (or a cancel request) stopped the statement.
+                (_, "57014") => DatabaseFault::Unavailable("the database took too long"),
+                // Operator intervention: admin_shutdown, crash_shutdown, cannot_connect_now,
+                // database_dropped, idle_session_timeout.
+                ("57", _) => DatabaseFault::Unavailable("the database is restarting"),
+                // Insufficient resources: too_many_connections, disk_full, out_of_memory.
+                ("53", _) => DatabaseFault::Unavailable("the database is out of resources"),
+                // A lock wait past lock_timeout.
+                (_, "55P03") => DatabaseFault::Unavailable("the database is busy"),
+                _ => return None,
+            };
+            Some(fault)
+        }
+        sqlx::Error::PoolTimedOut => Some(DatabaseFault::Unavailable(
+            "no database connection became free in time",
+        )),
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => {
+            Some(DatabaseFault::Unavailable("the database is unreachable"))
+        }
+        _ => None,
     }
 }
 

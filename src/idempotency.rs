@@ -158,11 +158,13 @@ pub async fn try_processing(
     }
     tx.rollback().await?;
     // The other request committed (we waited for it on the key's row): its answer is there.
+    // No answer yet means the key is held by work done outside the database (a checkout
+    // waiting on Stripe), or was just released: the caller's retry will find out.
     match lookup(pool, owner, key, request_hash).await? {
         Lookup::Answer(response) => Ok(Claim::Replay(response)),
-        Lookup::Missing | Lookup::Pending => Err(ApiError::Internal(anyhow::anyhow!(
-            "idempotency record without an answer"
-        ))),
+        Lookup::Missing | Lookup::Pending => Err(ApiError::Unavailable(
+            "a request with this Idempotency-Key is still in progress",
+        )),
     }
 }
 

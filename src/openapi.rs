@@ -147,8 +147,23 @@ fn add_layer_responses(path: &str, operation: &mut Map<String, Value>) {
     if path != "/health" {
         add(
             "503",
-            "The database is unavailable or the request took too long (`unavailable`); retry",
+            "The database is unavailable or the request took too long (`unavailable`), with \
+             Retry-After; retry",
         );
+        // `unavailable` says when to retry; `stripe_not_configured`, on the Stripe routes,
+        // does not, so the header is not required. `/ready`'s 503 is a probe's answer.
+        if let Some(unavailable) = responses
+            .get_mut("503")
+            .and_then(Value::as_object_mut)
+            .filter(|_| path != "/ready")
+        {
+            unavailable.entry("headers").or_insert_with(|| {
+                json!({"Retry-After": {
+                    "description": "Seconds to wait before retrying (`unavailable`)",
+                    "schema": {"type": "integer", "minimum": 1}
+                }})
+            });
+        }
     }
 }
 

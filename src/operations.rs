@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, database_fault};
 use crate::state::AppState;
 use crate::{db, maintenance};
 
@@ -51,15 +51,28 @@ pub async fn health() -> Json<Status> {
     responses((status = 200, body = Status), (status = 503, body = Status))
 )]
 pub async fn ready(State(state): State<AppState>) -> Response {
-    let status =
-        match tokio::time::timeout(Duration::from_secs(2), db::migrations_current(&state.pool))
-            .await
-        {
-            Ok(Ok(true)) => return Json(Status { status: "ok" }).into_response(),
-            Ok(Ok(false)) => "migrations pending",
-            Ok(Err(_)) | Err(_) => "database unavailable",
-        };
+    let status = match tokio::time::timeout(Duration::from_secs(2), readiness(&state.pool)).await {
+        Ok(Ok(true)) => return Json(Status { status: "ok" }).into_response(),
+        Ok(Ok(false)) => "migrations pending",
+        Ok(Err(_)) | Err(_) => "database unavailable",
+    };
     (StatusCode::SERVICE_UNAVAILABLE, Json(Status { status })).into_response()
+}
+
+/// Whether the migrations are current, asked again while the answer is a database fault: a
+/// pooled connection that died with a restart of PostgreSQL fails once and is dropped, and
+/// says nothing of the database now, which the next connection (a new one, if need be) asks.
+/// The caller's time limit ends the loop while the database is really down.
+async fn readiness(pool: &sqlx::PgPool) -> Result<bool, sqlx::Error> {
+    loop {
+        match db::migrations_current(pool).await {
+            Err(err) if database_fault(&err).is_some() => {
+                tracing::debug!(error = %err, "readiness: a database fault; asking again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answer => return answer,
+        }
+    }
 }
 
 /// Prometheus text exposition: requests by route and status, pool use, credits by source,

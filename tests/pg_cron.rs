@@ -2,49 +2,13 @@
 //! directory, a free port, pg_cron preloaded), migrated, then a scheduled job run. The
 //! machine's main PostgreSQL is not touched.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::cluster::{self, Cluster, newest_major_with_initdb};
 use sqlx::{Connection, PgConnection};
-
-/// The newest PostgreSQL major version installed the Debian way (`/usr/lib/postgresql/<major>`
-/// with an `initdb`), else the one `pg_config` names: scripts/test installs pg_cron for the
-/// newest.
-fn pg_major() -> String {
-    newest_major_with_initdb(Path::new("/usr/lib/postgresql"))
-        .or_else(|| {
-            let output = Command::new("pg_config").arg("--version").output().ok()?;
-            // "PostgreSQL 15.20 (Debian 15.20-0+deb12u1)"
-            let text = String::from_utf8(output.stdout).ok()?;
-            let version = text.split_whitespace().nth(1)?;
-            Some(version.split('.').next()?.to_owned())
-        })
-        .expect("no PostgreSQL found under /usr/lib/postgresql nor through pg_config")
-}
-
-/// Numerically newest (`16` after `9.6`), among the versions that have `bin/initdb`.
-fn newest_major_with_initdb(root: &Path) -> Option<String> {
-    std::fs::read_dir(root)
-        .ok()?
-        .filter_map(|entry| entry.ok())
-        .filter(|entry| entry.path().join("bin/initdb").is_file())
-        .filter_map(|entry| entry.file_name().into_string().ok())
-        .filter_map(|name| {
-            let key: Vec<u32> = name
-                .split('.')
-                .map(str::parse)
-                .collect::<Result<_, _>>()
-                .ok()?;
-            Some((key, name))
-        })
-        .max()
-        .map(|(_, name)| name)
-}
-
-fn pg_bin(program: &str) -> String {
-    format!("/usr/lib/postgresql/{}/bin/{program}", pg_major())
-}
 
 #[test]
 fn the_newest_installed_postgresql_with_initdb_is_the_one_used() {
@@ -63,134 +27,29 @@ fn the_newest_installed_postgresql_with_initdb_is_the_one_used() {
     assert_eq!(newest_major_with_initdb(&root), None, "nothing installed");
 }
 
-struct Cluster {
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let major = pg_major();
-        assert!(
-            Path::new(&format!(
-                "/usr/share/postgresql/{major}/extension/pg_cron.control"
-            ))
-            .exists(),
-            "pg_cron is not installed: scripts/test installs Debian's postgresql-{major}-cron"
-        );
-        let dir = std::env::temp_dir().join(format!(
-            "amethyst-pg-cron-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        // PostgreSQL refuses to run as root; the cluster belongs to the postgres user.
-        let as_postgres = |program: &str, args: &[&str]| {
-            let mut command = if is_root() {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--", program]);
-                c
-            } else {
-                Command::new(program)
-            };
-            command.args(args);
-            command
-        };
-        if is_root() {
-            assert!(
-                Command::new("chown")
-                    .args(["postgres", dir.to_str().unwrap()])
-                    .status()
-                    .unwrap()
-                    .success()
-            );
-        }
-        let data = dir.join("data");
-        let initdb = as_postgres(
-            &pg_bin("initdb"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-            ],
-        )
-        .output()
-        .unwrap();
-        assert!(
-            initdb.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&initdb.stderr)
-        );
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_preload_libraries=pg_cron \
-             -c cron.database_name=postgres -c cron.host=127.0.0.1",
-            dir.display()
-        );
-        let start = as_postgres(
-            &pg_bin("pg_ctl"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-l",
-                dir.join("log").to_str().unwrap(),
-                "-w",
-                "-o",
-                &options,
-                "start",
-            ],
-        )
-        .output()
-        .unwrap();
-        assert!(
-            start.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&start.stderr)
-        );
-        Cluster { dir, port }
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let data = self.dir.join("data");
-        let mut stop = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--", &pg_bin("pg_ctl")]);
-            c
-        } else {
-            Command::new(pg_bin("pg_ctl"))
-        };
-        let _ = stop
-            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A cluster with pg_cron preloaded; Debian's package must be installed.
+fn pg_cron_cluster() -> Cluster {
+    let major = cluster::pg_major();
+    assert!(
+        Path::new(&format!(
+            "/usr/share/postgresql/{major}/extension/pg_cron.control"
+        ))
+        .exists(),
+        "pg_cron is not installed: scripts/test installs Debian's postgresql-{major}-cron"
+    );
+    Cluster::start(
+        "amethyst-pg-cron",
+        "-c shared_preload_libraries=pg_cron -c cron.database_name=postgres \
+         -c cron.host=127.0.0.1",
+    )
 }
 
 #[tokio::test]
 async fn migrating_a_cluster_with_pg_cron_schedules_the_maintenance_and_a_job_runs() {
-    let cluster = Cluster::start();
-    let mut conn = PgConnection::connect(&cluster.url()).await.unwrap();
+    let cluster = pg_cron_cluster();
+    let mut conn = PgConnection::connect(&cluster.url("postgres"))
+        .await
+        .unwrap();
     amethyst_credits::MIGRATOR
         .run(&mut conn)
         .await

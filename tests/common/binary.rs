@@ -39,9 +39,12 @@ impl Database {
     /// The URL of a database that does not exist yet.
     pub fn fresh() -> Database {
         let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for the tests");
-        let (server, _) = base
-            .rsplit_once('/')
-            .expect("DATABASE_URL names a database");
+        Self::fresh_on(&base)
+    }
+
+    /// The URL of a database that does not exist yet, on the server of `url`.
+    pub fn fresh_on(url: &str) -> Database {
+        let (server, _) = url.rsplit_once('/').expect("the URL names a database");
         let name = format!("amethyst_bin_{}", Uuid::new_v4().simple());
         Database {
             url: format!("{server}/{name}"),

@@ -5,6 +5,7 @@
 
 pub mod admob;
 pub mod binary;
+pub mod cluster;
 pub mod stripe;
 
 use std::net::SocketAddr;
@@ -94,9 +95,13 @@ impl TestApp {
     }
 
     pub async fn with_config(connect: PgConnectOptions, config: Config) -> Self {
-        let pool = db::connect(connect.clone(), config.database_max_connections)
-            .await
-            .expect("the service pool connects");
+        let pool = db::connect(
+            connect.clone(),
+            config.database_max_connections,
+            config.database_statement_timeout,
+        )
+        .await
+        .expect("the service pool connects");
         let owner = PgPoolOptions::new()
             .max_connections(5)
             .connect_with(connect.clone())
@@ -262,7 +267,9 @@ impl TestApp {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let pool = db::connect(connect, 40).await.unwrap();
+                let pool = db::connect(connect, 40, config.database_statement_timeout)
+                    .await
+                    .unwrap();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 address_tx.send(listener.local_addr().unwrap()).unwrap();
                 let service = app(AppState::new(config, pool.clone()))

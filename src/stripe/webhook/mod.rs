@@ -37,7 +37,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::signature::{self, SignatureError};
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::db;
+use crate::error::{ApiError, ApiResult, DatabaseFault, Problem, database_fault};
 use crate::extract::whole_numbers_as_integers;
 use crate::limits;
 use crate::state::AppState;
@@ -188,6 +189,35 @@ pub async fn deliver(
         Some(_) => Lookups::default(),
     };
 
+    // The claim, the handling and the recorded outcome are one unit of work: a conflict with
+    // another transaction (a serialization failure, a deadlock) rolls all of it back and it
+    // runs again. A failure of the database itself commits nothing, so the event stays
+    // unclaimed and the next delivery or reconciliation handles it afresh.
+    let delivery = db::retrying_conflicts(|| {
+        claim_and_handle(pool, &event, &payload, wrong_mode.as_deref(), &lookups)
+    })
+    .await?;
+
+    match &delivery {
+        Delivery::Rejected(why) => {
+            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "rejected a Stripe event");
+        }
+        Delivery::Failed(why) => {
+            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "handling a Stripe event failed; a redelivery or reconciliation will retry");
+        }
+        _ => {}
+    }
+    Ok((event, delivery))
+}
+
+/// Claims the event, hands it to its handler and records the outcome, in one transaction.
+async fn claim_and_handle(
+    pool: &PgPool,
+    event: &StripeEvent,
+    payload: &Value,
+    wrong_mode: Option<&str>,
+    lookups: &Lookups,
+) -> ApiResult<Delivery> {
     let mut tx = pool.begin().await?;
     // Claim the event: a new id, or one whose earlier handling failed. A concurrent delivery
     // waits here on the primary key until this transaction ends.
@@ -205,22 +235,22 @@ pub async fn deliver(
         event.api_version.as_deref(),
         event.livemode,
         event.created.map(|c| c as f64),
-        &payload,
+        payload,
     )
     .fetch_optional(&mut *tx)
     .await?;
     if claimed.is_none() {
         tx.rollback().await?;
-        return Ok((event, Delivery::Duplicate));
+        return Ok(Delivery::Duplicate);
     }
 
     // The handler runs inside a savepoint: whatever it did is undone if it fails, while the
     // outcome is still recorded on the event row.
     let outcome = if let Some(why) = wrong_mode {
-        Err(Failure::Permanent(why))
+        Err(Failure::Permanent(why.to_owned()))
     } else {
         let mut savepoint = (&mut *tx).begin().await?;
-        let outcome = dispatch(&mut savepoint, &event, &lookups).await;
+        let outcome = dispatch(&mut savepoint, event, lookups).await;
         if outcome.is_ok() {
             savepoint.commit().await?;
         } else {
@@ -233,6 +263,8 @@ pub async fn deliver(
         Ok(Handled::Ignored) => Delivery::Ignored,
         Err(Failure::Permanent(why)) => Delivery::Rejected(why),
         Err(Failure::Retry(why)) => Delivery::Failed(why),
+        // The whole transaction (claim included) is rolled back and runs again.
+        Err(Failure::Conflict) => return Err(ApiError::Conflict),
     };
     let error = match &delivery {
         Delivery::Rejected(why) | Delivery::Failed(why) => Some(why.as_str()),
@@ -249,17 +281,7 @@ pub async fn deliver(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-
-    match &delivery {
-        Delivery::Rejected(why) => {
-            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "rejected a Stripe event");
-        }
-        Delivery::Failed(why) => {
-            tracing::warn!(event = %event.id, kind = %event.kind, error = %why, "handling a Stripe event failed; a redelivery or reconciliation will retry");
-        }
-        _ => {}
-    }
-    Ok((event, delivery))
+    Ok(delivery)
 }
 
 fn mode_name(livemode: bool) -> &'static str {
@@ -395,10 +417,16 @@ enum Failure {
     Permanent(String),
     /// Might work later (unknown user, database trouble): Stripe should retry.
     Retry(String),
+    /// The database rolled the transaction back for a serialization failure or a deadlock:
+    /// the whole delivery runs again at once.
+    Conflict,
 }
 
 impl From<sqlx::Error> for Failure {
     fn from(err: sqlx::Error) -> Self {
+        if database_fault(&err) == Some(DatabaseFault::Conflict) {
+            return Failure::Conflict;
+        }
         if let sqlx::Error::Database(db) = &err
             && db.code().as_deref() == Some("AC404")
         {
