@@ -7,18 +7,45 @@ invalid are sent as generated.
 - A pack's stripe_price_id is made unique: two packs cannot sell one Stripe price.
 - A webhook is signed for real over the exact bytes sent, with the secret the service was
   started with, so the fuzzing reaches the event handlers.
+- An AdMob callback is signed the way Google signs it (ECDSA P-256 with SHA-256 over the
+  query string as received, percent-decoded, up to `&signature=`), with the run's own key,
+  and `signature` and `key_id` are put last, as AdMob sends them.
 """
 
+import base64
 import hashlib
 import hmac
 import json
 import os
+import re
 import time
 import uuid
+from urllib.parse import urlencode
 
 import schemathesis
 
 WEBHOOK_SECRET = os.environ.get("FUZZ_WEBHOOK_SECRET", "")
+ADMOB_KEY = os.environ.get("FUZZ_ADMOB_KEY", "")
+ADMOB_KEY_ID = os.environ.get("FUZZ_ADMOB_KEY_ID", "")
+
+
+def percent_decoded(query):
+    """The query as the service reads it before checking the signature: %XX decoded, `+` kept."""
+    raw = re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]), query.encode())
+    return raw.decode("utf-8")
+
+
+def sign_admob(case):
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    with open(ADMOB_KEY, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    pairs = [(k, v) for k, v in case.query.items() if k not in ("signature", "key_id")]
+    message = percent_decoded(urlencode(pairs))
+    der = key.sign(message.encode("utf-8"), ec.ECDSA(hashes.SHA256()))
+    signature = base64.urlsafe_b64encode(der).decode().rstrip("=")
+    case.query = {**dict(pairs), "signature": signature, "key_id": int(ADMOB_KEY_ID)}
 
 
 def generated_valid(case):
@@ -45,3 +72,10 @@ def before_call(context, case, kwargs):
         mac = hmac.new(WEBHOOK_SECRET.encode(), f"{timestamp}.".encode() + payload, hashlib.sha256)
         case.headers["Stripe-Signature"] = f"t={timestamp},v1={mac.hexdigest()}"
         kwargs["data"] = payload
+    if (
+        case.operation.path == "/v1/ads/admob/ssv"
+        and ADMOB_KEY
+        and isinstance(case.query, dict)
+        and "signature" in case.query
+    ):
+        sign_admob(case)
