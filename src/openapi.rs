@@ -67,7 +67,7 @@ pub fn exact(mut doc: Value) -> Value {
                     .and_then(Value::as_array_mut)
                 {
                     for parameter in parameters {
-                        constrain_parameter(parameter);
+                        constrain_parameter(path, parameter);
                     }
                 }
             }
@@ -167,23 +167,32 @@ fn add_layer_responses(path: &str, operation: &mut Map<String, Value>) {
     }
 }
 
-fn constrain_parameter(parameter: &mut Value) {
+fn constrain_parameter(path: &str, parameter: &mut Value) {
     let name = parameter
         .get("name")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let constraint = match name {
-        "Idempotency-Key" => Constraint {
+    let constraint = match (path, name) {
+        (_, "Idempotency-Key") => Constraint {
             min_length: Some(1),
             max_length: Some(limits::IDEMPOTENCY_KEY_CHARS),
             pattern: Some(IDEMPOTENCY_KEY),
             ..Constraint::NONE
         },
-        "email" => Constraint {
-            max_length: Some(limits::EMAIL_CHARS),
-            pattern: Some(LINE),
-            ..Constraint::NONE
+        (_, "email") => Constraint::text(limits::EMAIL_CHARS, LINE),
+        // AdMob's callback: each value one line, the signature URL-safe base64.
+        ("/v1/ads/admob/ssv", "transaction_id") => Constraint {
+            min_length: Some(1),
+            ..Constraint::text(limits::ADMOB_PARAM_CHARS, LINE_NOT_EMPTY)
         },
+        ("/v1/ads/admob/ssv", "signature") => Constraint {
+            min_length: Some(1),
+            ..Constraint::text(limits::ADMOB_PARAM_CHARS, "^[A-Za-z0-9_-]+=*$")
+        },
+        (
+            "/v1/ads/admob/ssv",
+            "ad_network" | "ad_unit" | "custom_data" | "reward_amount" | "reward_item" | "user_id",
+        ) => Constraint::text(limits::ADMOB_PARAM_CHARS, LINE),
         _ => return,
     };
     if let Some(schema) = parameter.get_mut("schema").and_then(Value::as_object_mut) {
@@ -197,6 +206,8 @@ const TEXT: &str = "^[^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*$";
 const TEXT_NOT_BLANK: &str = "^[^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*$";
 /// One line: no control characters at all.
 const LINE: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
+/// One line of at least one character.
+const LINE_NOT_EMPTY: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
 /// One line with at least one character that is not white space.
 const LINE_NOT_BLANK: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$";
 /// An http(s) URL without white space or control characters.

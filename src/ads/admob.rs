@@ -22,40 +22,29 @@ use crate::limits;
 use crate::state::AppState;
 
 /// The callback's parameters, as AdMob sends them (documentation: the handler reads the raw
-/// query string, whose exact bytes the signature covers).
+/// query string, whose exact bytes the signature covers). Their lengths and forms are added
+/// to the document by `openapi::exact`, from `limits`.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct SsvParams {
     /// AdMob's id of the ad source.
-    #[param(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     ad_network: Option<String>,
     /// The ad unit that was shown; checked against `ADMOB_AD_UNITS` when set.
-    #[param(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     ad_unit: Option<String>,
     /// The session's id, as the app gave it to the ad SDK (`ssv.custom_data`).
-    #[param(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     custom_data: Option<String>,
     /// The reward configured in AdMob (ignored: the reward table is ours).
-    #[param(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     reward_amount: Option<String>,
-    #[param(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     reward_item: Option<String>,
     /// When AdMob signed the callback, in milliseconds since the epoch.
     #[param(minimum = 0, maximum = 253_402_300_799_999_i64)]
     timestamp: i64,
     /// AdMob's id of the rewarded impression: pays at most once.
-    #[param(
-        min_length = 1,
-        max_length = 1024,
-        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$"
-    )]
     transaction_id: String,
     /// The user's id, as the app gave it to the ad SDK (`ssv.user_id`).
-    #[param(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     user_id: Option<String>,
     /// URL-safe base64 of the DER signature; second to last.
-    #[param(min_length = 1, max_length = 1024, pattern = "^[A-Za-z0-9_-]+=*$")]
     signature: String,
     /// The id of the verifier key; last.
     #[param(minimum = 0)]
