@@ -174,6 +174,10 @@ class Service:
             "DATABASE_URL": db.url(), "BIND_ADDR": f"127.0.0.1:{self.port}", "SUPABASE_JWT_SECRET": SECRET,
             "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "RATE_LIMIT_PER_MINUTE": "0",
             "DATABASE_MAX_CONNECTIONS": str(pool), "LOG_FORMAT": "json", "RUST_LOG": "warn",
+            # POST /v1/ads/views (the ad_view scenario) answers only in the client mode; every
+            # other mode refuses it with 409 ad_session_required. Ad sessions work in it too,
+            # paid on completion as in the default session mode.
+            "ADS_VERIFICATION": "client",
         })
         started = time.monotonic()
         self.process = subprocess.Popen([str(binary), "serve", "--no-migrate"], env=env,
