@@ -2,13 +2,28 @@
 -- Non-2xx answers are counted by wrk itself (summary.errors.status).
 -- Arguments (after `--`): <mode> <file> <threads>
 --   mode: get (GET path with a random token), spend, ad_view (POST with a JSON body),
---         webhook (pre-signed Stripe events, one per request)
---   file: tokens, one per line (token modes) or "<signature>\t<body>" lines (webhook)
+--         ad_session (open an ad session, then complete it), webhook (pre-signed Stripe
+--         events, one per request)
+--   file: tokens, one per line (token modes), "<user id>\t<token>" lines (ad_session) or
+--         "<signature>\t<body>" lines (webhook)
 -- The path comes from the URL given to wrk.
 
 local mode, lines, path
 local counter, step = 0, 1
 local thread_id = 0
+
+-- ad_session: wrk's script has no handle on the connection a response came on, and calls
+-- request() for a connection only after other connections' responses may have come in. So
+-- the pairing goes by the session itself: response() reads the session id and its user id
+-- (ssv.user_id) from the 201 body of an open and queues the completion; the next request()
+-- on this thread, on whichever connection, sends it with that user's token. A user is busy
+-- from the open request until its completion comes back as completed, and is not opened for
+-- again meanwhile, so no user has two sessions open at once (the service allows 3 each).
+local token_of = {}   -- user id -> token
+local users = {}      -- user ids, in file order
+local busy = {}       -- user id -> true while a session of theirs is unfinished
+local ready = {}      -- completions to send: { session id, user id }, first in first out
+local ready_head, ready_tail = 1, 0
 
 function setup(thread)
   thread:set("id", thread_id)
@@ -20,6 +35,17 @@ function init(args)
   lines = {}
   for line in io.lines(args[2]) do
     lines[#lines + 1] = line
+  end
+  if mode ~= "ad_session" then
+    -- wrk reads bodies only when the script has a response(); the other modes need none.
+    response = nil
+  else
+    for _, line in ipairs(lines) do
+      local tab = line:find("\t", 1, true)
+      local user = line:sub(1, tab - 1)
+      users[#users + 1] = user
+      token_of[user] = line:sub(tab + 1)
+    end
   end
   path = wrk.path
   -- Threads take interleaved lines, so no line is used twice across threads (ad views stay
@@ -34,7 +60,63 @@ local function next_line()
   return lines[(counter % #lines) + 1]
 end
 
+-- The next of this thread's users (interleaved lines, as next_line) without an unfinished
+-- session; nil when every one of them is busy.
+local function next_free_user()
+  for _ = 1, #users do
+    counter = counter + step
+    local user = users[(counter % #users) + 1]
+    if not busy[user] then
+      return user
+    end
+  end
+  return nil
+end
+
+local function ad_session_request()
+  local json = { ["Content-Type"] = "application/json" }
+  if ready_head <= ready_tail then
+    local item = ready[ready_head]
+    ready[ready_head] = nil
+    ready_head = ready_head + 1
+    json["Authorization"] = "Bearer " .. token_of[item[2]]
+    return wrk.format("POST", path .. "/" .. item[1] .. "/complete", json, '{"duration_seconds": 31}')
+  end
+  local user = next_free_user()
+  if user == nil then
+    -- Every user of this thread has an unfinished session (fewer users than connections, or
+    -- answers that never came as 201): open for the next one anyway, and let the service's
+    -- cap of 3 open sessions a user answer 409, counted as errors.
+    counter = counter + step
+    user = users[(counter % #users) + 1]
+  end
+  busy[user] = true
+  json["Authorization"] = "Bearer " .. token_of[user]
+  return wrk.format("POST", path, json, '{}')
+end
+
+function response(status, headers, body)
+  if mode ~= "ad_session" or status ~= 201 then
+    return
+  end
+  local session = body:match('"custom_data":"([%x%-]+)"')
+  local user = body:match('"user_id":"([%x%-]+)"')
+  local state = body:match('"status":"([%a_]+)"')
+  if not session or not user then
+    return
+  end
+  if state == "open" then
+    ready_tail = ready_tail + 1
+    ready[ready_tail] = { session, user }
+  else
+    busy[user] = nil
+  end
+end
+
 function request()
+  if mode == "ad_session" then
+    return ad_session_request()
+  end
   if mode == "webhook" then
     local line = next_line()
     local tab = line:find("\t", 1, true)
