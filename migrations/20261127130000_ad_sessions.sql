@@ -140,6 +140,11 @@ declare
   a record;
 begin
   select * into strict s from public.ad_sessions x where x.id = pay_ad_session.session_id;
+  -- A session pays once: a second call, however it came, pays nothing.
+  if s.paid_at is not null or s.credited_seconds is null then
+    return query select x.* from public.ad_sessions x where x.id = s.id;
+    return;
+  end if;
   select * into v from public.handle_ad_view(s.user_id, s.credited_seconds, s.ad_unit_id, s.provider);
   select * into a from public.ad_allowance((pg_catalog.now() at time zone 'utc')::date, v.views_today);
   return query
@@ -306,6 +311,6 @@ revoke all on function public.complete_ad_session(uuid, uuid, integer, boolean) 
 revoke all on function public.record_admob_callback(text, bigint, text, text, text, uuid, uuid, timestamptz, integer, boolean) from public, anon, authenticated;
 grant execute on function public.ad_session_status(text, timestamptz) to service_role;
 grant execute on function public.open_ad_session(uuid, text, text, integer, integer) to service_role;
-grant execute on function public.pay_ad_session(uuid) to service_role;
+-- pay_ad_session is called only by the functions above (as their owner): no role may call it.
 grant execute on function public.complete_ad_session(uuid, uuid, integer, boolean) to service_role;
 grant execute on function public.record_admob_callback(text, bigint, text, text, text, uuid, uuid, timestamptz, integer, boolean) to service_role;

@@ -286,6 +286,15 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
              never where real users can reach it."
         );
     }
+    if config.ads.verification == crate::config::AdsVerification::Admob
+        && config.ads.admob_ad_units.is_empty()
+    {
+        tracing::warn!(
+            "ADS_VERIFICATION=admob with ADMOB_AD_UNITS empty: Google signs every publisher's \
+             reward callbacks with the same keys, so another publisher's rewarded ad can verify \
+             a session here. List this app's rewarded ad units in ADMOB_AD_UNITS."
+        );
+    }
     config.check_can_authenticate()?;
     if config.log_format == LogFormat::Pretty {
         tracing::debug!(?config, "configuration");

@@ -468,3 +468,43 @@ async fn sessions_are_counted_in_the_metrics(pool: PgPoolOptions, connect: PgCon
         assert!(text.contains(series), "{series} missing from {text}");
     }
 }
+
+#[sqlx::test]
+async fn a_completed_session_pays_once_even_through_its_payment_function(
+    _pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(_pool, connect).await;
+    let user = app.user().await;
+    let session = open(&app, &user.token).await;
+    started_ago(&app, &session, 31).await;
+    let completed = app
+        .post(
+            &complete_path(&session),
+            Some(&user.token),
+            json!({"duration_seconds": 31}),
+        )
+        .await;
+    assert_eq!(completed.status, 201, "{:?}", completed.body);
+    assert_eq!(app.balance(user.id).await, 2);
+    let id: Uuid = session["id"].as_str().unwrap().parse().unwrap();
+
+    // The service's own role cannot call it (the functions that pay call it as its owner)…
+    let refused = sqlx::query("select * from public.pay_ad_session($1)")
+        .bind(id)
+        .execute(&app.state.pool)
+        .await
+        .unwrap_err();
+    let code = refused
+        .as_database_error()
+        .and_then(|e| e.code())
+        .unwrap_or_default();
+    assert_eq!(code, "42501", "{refused}");
+    // …and even its owner, calling it again, pays nothing more.
+    sqlx::query("select * from public.pay_ad_session($1)")
+        .bind(id)
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    assert_eq!(app.balance(user.id).await, 2);
+}

@@ -485,3 +485,55 @@ async fn a_callback_and_a_completion_arriving_together_pay_once(
         5
     );
 }
+
+#[sqlx::test]
+async fn parameters_smuggled_inside_a_signed_value_cannot_change_what_is_read(
+    _pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    // Google's keys sign every publisher's callbacks. Another publisher's callback, for their
+    // own ad unit, whose custom_data carries "&ad_unit=<ours>&custom_data=<a session>", decodes
+    // to the same signed text whichever way it is re-encoded: it must not pass as ours.
+    let key = AdmobKey::generate(1);
+    let keys = KeyServer::start(&[&key]).await;
+    let mut config = test_config();
+    config.ads.verification = amethyst_credits::config::AdsVerification::Admob;
+    config.ads.admob_keys_url = keys.url.clone();
+    config.ads.admob_ad_units = vec!["1234567890".to_owned()];
+    let app = TestApp::with_config(connect, config).await;
+    let user = app.user().await;
+    let session = watched_session(&app, &user.token).await;
+    complete(&app, &user.token, &session).await;
+
+    let smuggled = format!("x&ad_unit=1234567890&custom_data={session}");
+    let mut params = callback_params(&user.id.to_string(), &session, &transaction());
+    params[1] = ("ad_unit", "999".to_owned(), "999".to_owned());
+    params[2] = ("custom_data", encode(&smuggled, false), smuggled.clone());
+    // As the other publisher received it: one ad_unit (theirs), one custom_data.
+    let theirs = signed_query(&key, &params);
+    // Re-encoded so that a reader of the raw query would see our ad unit and the session.
+    let ad_network = "5450213213286189855%26ad_unit%3D999%26custom_data%3Dx";
+    let rewritten = theirs
+        .replacen(
+            "ad_network=5450213213286189855",
+            &format!("ad_network={ad_network}"),
+            1,
+        )
+        .replacen("ad_unit=999&", "", 1)
+        .replacen(
+            &format!("custom_data={}", encode(&smuggled, false)),
+            &format!("ad_unit=1234567890&custom_data={session}"),
+            1,
+        );
+
+    // The rewritten query goes first: a refused callback uses its transaction id up.
+    for query in [rewritten, theirs] {
+        let answer = callback(&app, &query).await;
+        assert_ne!(
+            answer.body["outcome"], "accepted",
+            "{query}: {:?}",
+            answer.body
+        );
+    }
+    assert_eq!(app.balance(user.id).await, 0);
+}

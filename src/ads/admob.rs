@@ -226,14 +226,17 @@ impl Callback {
         let message = percent_decode(signed)
             .ok_or_else(|| malformed("query", "must be percent-encoded UTF-8"))?;
 
+        // The parameters are read from the decoded text the signature covers, never from the
+        // raw query: many raw queries decode to one signed text (an `%26` in a value becomes an
+        // `&`), and reading the raw one would let a callback signed for another publisher's ad
+        // unit, with parameters smuggled inside a value, name this service's ad unit and a
+        // session of the caller's choosing. Repeated names are refused, so what is read is
+        // what was signed.
         let mut errors = Vec::new();
         let mut params: Vec<(String, String)> = Vec::new();
-        for pair in signed.split('&') {
+        for pair in message.split('&') {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let (Some(name), Some(value)) = (percent_decode(name), percent_decode(value)) else {
-                errors.push(FieldError::new("query", "must be percent-encoded UTF-8"));
-                continue;
-            };
+            let (name, value) = (name.to_owned(), value.to_owned());
             if params.iter().any(|(n, _)| *n == name) {
                 errors.push(FieldError::new(name, "given more than once"));
             } else if value.chars().count() > limits::ADMOB_PARAM_CHARS {
