@@ -98,7 +98,7 @@ declare
 begin
   -- The row lock makes the count of open sessions exact against a concurrent open.
   select p.ad_views_date, p.ad_views_today into counted_on, counted
-    from public.profiles p where p.id = open_ad_session.user_id for update;
+    from public.profiles p where p.id = open_ad_session.user_id for no key update;
   if not found then
     raise exception 'profile not found' using errcode = 'AC404';
   end if;
@@ -182,7 +182,7 @@ begin
      or complete_ad_session.claimed_seconds not between 0 and 86400 then
     raise exception 'claimed_seconds must be between 0 and 86400' using errcode = '22023';
   end if;
-  perform 1 from public.profiles p where p.id = complete_ad_session.user_id for update;
+  perform 1 from public.profiles p where p.id = complete_ad_session.user_id for no key update;
   select * into s from public.ad_sessions x
    where x.id = complete_ad_session.session_id and x.user_id = complete_ad_session.user_id
      for update;
@@ -264,7 +264,7 @@ begin
       then 'unknown_session'
   end;
   if why is null then
-    perform 1 from public.profiles p where p.id = record_admob_callback.user_id for update;
+    perform 1 from public.profiles p where p.id = record_admob_callback.user_id for no key update;
     select * into s from public.ad_sessions x where x.id = record_admob_callback.session_id
       for update;
     if not found then
