@@ -202,16 +202,17 @@ fn constrain_parameter(path: &str, parameter: &mut Value) {
 
 /// Free text: anything but control characters, a line feed excepted.
 const TEXT: &str = "^[^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*$";
-/// Free text with at least one character that is not white space.
-const TEXT_NOT_BLANK: &str = "^[^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*$";
+/// Free text with at least one character that is not white space. (White space is spelled out
+/// as Rust's `char::is_whitespace` has it: regex dialects disagree on `\s`.)
+const TEXT_NOT_BLANK: &str = "^[^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*[^ \\u0000-\\u001F\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000][^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*$";
 /// One line: no control characters at all.
 const LINE: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
 /// One line of at least one character.
 const LINE_NOT_EMPTY: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
 /// One line with at least one character that is not white space.
-const LINE_NOT_BLANK: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$";
+const LINE_NOT_BLANK: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^ \\u0000-\\u001F\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000][^\\u0000-\\u001F\\u007F-\\u009F]*$";
 /// An http(s) URL without white space or control characters.
-const HTTP_URL: &str = "^https?://[^\\s\\u0000-\\u001F\\u007F-\\u009F]+$";
+const HTTP_URL: &str = "^https?://[^ \\u0000-\\u001F\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]+$";
 /// Visible ASCII.
 const IDEMPOTENCY_KEY: &str = "^[!-~]+$";
 

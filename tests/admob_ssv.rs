@@ -360,6 +360,13 @@ async fn malformed_callbacks_get_a_stable_code_and_change_nothing(
     let unsigned = good.split("&signature=").next().unwrap().to_owned();
     let mut no_transaction = callback_params(&user.id.to_string(), &session, "x");
     no_transaction.remove(6);
+    // Past the end of year 9999, the latest timestamp the document allows.
+    let mut far_future = callback_params(&user.id.to_string(), &session, &transaction());
+    far_future[5] = (
+        "timestamp",
+        "253402300800000".to_owned(),
+        "253402300800000".to_owned(),
+    );
 
     for (query, code) in [
         (String::new(), "invalid_signature"),
@@ -378,6 +385,7 @@ async fn malformed_callbacks_get_a_stable_code_and_change_nothing(
             "validation_failed",
         ),
         (signed_query(&key, &no_transaction), "validation_failed"),
+        (signed_query(&key, &far_future), "validation_failed"),
         (
             good.replace("reward_item=Reward", "reward_item=%zz"),
             "validation_failed",

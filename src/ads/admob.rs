@@ -51,6 +51,9 @@ pub struct SsvParams {
     key_id: i64,
 }
 
+/// Latest callback `timestamp` accepted: the end of year 9999, in milliseconds.
+const LATEST_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+
 /// What became of a verified callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -265,6 +268,7 @@ impl Callback {
                 .all(|b| b.is_ascii_digit())
                 .then(|| t.parse::<i64>().ok())
                 .flatten()
+                .filter(|ms| *ms <= LATEST_TIMESTAMP_MS)
                 .and_then(DateTime::from_timestamp_millis)
         });
         if signed_at.is_none() {
