@@ -183,7 +183,7 @@ fn constrain_parameter(path: &str, parameter: &mut Value) {
         // AdMob's callback: each value one line, the signature URL-safe base64.
         ("/v1/ads/admob/ssv", "transaction_id") => Constraint {
             min_length: Some(1),
-            ..Constraint::text(limits::ADMOB_PARAM_CHARS, LINE_NOT_EMPTY)
+            ..Constraint::text(limits::ADMOB_PARAM_CHARS, ADMOB_VALUE_NOT_EMPTY)
         },
         ("/v1/ads/admob/ssv", "signature") => Constraint {
             min_length: Some(1),
@@ -192,7 +192,7 @@ fn constrain_parameter(path: &str, parameter: &mut Value) {
         (
             "/v1/ads/admob/ssv",
             "ad_network" | "ad_unit" | "custom_data" | "reward_amount" | "reward_item" | "user_id",
-        ) => Constraint::text(limits::ADMOB_PARAM_CHARS, LINE),
+        ) => Constraint::text(limits::ADMOB_PARAM_CHARS, ADMOB_VALUE),
         _ => return,
     };
     if let Some(schema) = parameter.get_mut("schema").and_then(Value::as_object_mut) {
@@ -207,8 +207,10 @@ const TEXT: &str = "^[^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*$";
 const TEXT_NOT_BLANK: &str = "^[^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*[^ \\u0000-\\u001F\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000][^\\u0000-\\u0009\\u000B-\\u001F\\u007F-\\u009F]*$";
 /// One line: no control characters at all.
 const LINE: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
-/// One line of at least one character.
-const LINE_NOT_EMPTY: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
+/// An AdMob callback value: one line without `&` (which would change the signed text's pairs).
+const ADMOB_VALUE: &str = "^[^&\\u0000-\\u001F\\u007F-\\u009F]*$";
+/// The same, at least one character.
+const ADMOB_VALUE_NOT_EMPTY: &str = "^[^&\\u0000-\\u001F\\u007F-\\u009F]+$";
 /// One line with at least one character that is not white space.
 const LINE_NOT_BLANK: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^ \\u0000-\\u001F\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000][^\\u0000-\\u001F\\u007F-\\u009F]*$";
 /// An http(s) URL without white space or control characters.

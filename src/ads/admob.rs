@@ -229,18 +229,24 @@ impl Callback {
         let message = percent_decode(signed)
             .ok_or_else(|| malformed("query", "must be percent-encoded UTF-8"))?;
 
-        // The parameters are read from the decoded text the signature covers, never from the
-        // raw query: many raw queries decode to one signed text (an `%26` in a value becomes an
-        // `&`), and reading the raw one would let a callback signed for another publisher's ad
-        // unit, with parameters smuggled inside a value, name this service's ad unit and a
-        // session of the caller's choosing. Repeated names are refused, so what is read is
-        // what was signed.
+        // What is read must be what was signed. The signature covers the decoded text, and
+        // many raw queries decode to one text: an `%26` inside a value becomes an `&` there. A
+        // callback signed for another publisher's ad unit (Google's keys sign every
+        // publisher's), with `&ad_unit=…&custom_data=…` smuggled inside a value and re-encoded,
+        // could otherwise name this service's ad unit and a session of the caller's choosing.
+        // So no decoded name or value may hold an `&`, and no name may repeat: the raw pairs
+        // are then exactly the pairs of the signed text.
         let mut errors = Vec::new();
         let mut params: Vec<(String, String)> = Vec::new();
-        for pair in message.split('&') {
+        for pair in signed.split('&') {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let (name, value) = (name.to_owned(), value.to_owned());
-            if params.iter().any(|(n, _)| *n == name) {
+            let (Some(name), Some(value)) = (percent_decode(name), percent_decode(value)) else {
+                errors.push(FieldError::new("query", "must be percent-encoded UTF-8"));
+                continue;
+            };
+            if name.contains('&') || value.contains('&') {
+                errors.push(FieldError::new(name, "must not contain &"));
+            } else if params.iter().any(|(n, _)| *n == name) {
                 errors.push(FieldError::new(name, "given more than once"));
             } else if value.chars().count() > limits::ADMOB_PARAM_CHARS {
                 errors.push(FieldError::new(
