@@ -106,7 +106,11 @@ create function public.stripe_grant(
   charge text,
   source text,
   description text,
-  event_id text
+  event_id text,
+  -- Whether the purchase cost nothing (a trial, a 100 % coupon), as the caller reads Stripe's
+  -- object; null: judged from amount. A payment made from the customer's Stripe balance cost
+  -- something even when amount (what was charged) is 0.
+  free boolean default null
 ) returns text
 language plpgsql security definer
 set search_path = ''
@@ -119,7 +123,7 @@ begin
   if not exists (select 1 from public.profiles p where p.id = stripe_grant.user_id) then
     raise exception 'profile not found' using errcode = 'AC404';
   end if;
-  if stripe_grant.amount = 0
+  if coalesce(stripe_grant.free, stripe_grant.amount = 0)
      and not coalesce((select p.grants_when_free from public.credit_packs p
                         where p.id = stripe_grant.pack_id), false) then
     return 'free_not_granted';
@@ -225,11 +229,11 @@ begin
 end;
 $$;
 
-revoke all on function public.stripe_grant(text, text, uuid, uuid, integer, integer, text, text, text, text, text, text)
+revoke all on function public.stripe_grant(text, text, uuid, uuid, integer, integer, text, text, text, text, text, text, boolean)
   from public, anon, authenticated;
 revoke all on function public.stripe_record_charge(text, text, integer, integer, integer, integer)
   from public, anon, authenticated;
-grant execute on function public.stripe_grant(text, text, uuid, uuid, integer, integer, text, text, text, text, text, text)
+grant execute on function public.stripe_grant(text, text, uuid, uuid, integer, integer, text, text, text, text, text, text, boolean)
   to service_role;
 grant execute on function public.stripe_record_charge(text, text, integer, integer, integer, integer)
   to service_role;

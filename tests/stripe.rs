@@ -1236,6 +1236,7 @@ fn trial_invoice(id: &str, customer: &str, subscription: &str, price: &str) -> V
     );
     invoice["amount_due"] = json!(0);
     invoice["amount_paid"] = json!(0);
+    invoice["total"] = json!(0);
     invoice["charge"] = Value::Null;
     invoice["payment_intent"] = Value::Null;
     invoice
@@ -1715,4 +1716,43 @@ async fn without_a_secret_key_purchases_of_either_mode_are_granted_without_a_loo
     }
     assert_eq!(app.balance(user.id).await, 200);
     assert!(stripe.requests().is_empty());
+}
+
+#[sqlx::test]
+async fn a_renewal_paid_from_the_customers_balance_grants_its_credits(
+    _pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    // Stripe applies the customer's credit balance (a proration after a downgrade, say) before
+    // charging: the invoice cost 1500, nothing was charged, and the plan's credits are owed.
+    let (app, _stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let plan = new_pack(&app, 300, "subscription", "price_plan_balance").await;
+    let sub = "sub_balance_1";
+    app.webhook(&event(
+        &event_id(),
+        "customer.subscription.created",
+        subscription(
+            sub,
+            "cus_balance",
+            user.id,
+            plan,
+            "price_plan_balance",
+            "active",
+            1_900_000_000,
+        ),
+    ))
+    .await;
+    let mut invoice = trial_invoice("in_balance_1", "cus_balance", sub, "price_plan_balance");
+    invoice["billing_reason"] = json!("subscription_cycle");
+    invoice["total"] = json!(1500);
+    invoice["starting_balance"] = json!(-1500);
+
+    let id = event_id();
+    let answer = app.webhook(&event(&id, "invoice.paid", invoice)).await;
+
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(event_status(&app, &id).await.0, "processed");
+    assert_eq!(app.balance(user.id).await, 300);
+    assert_eq!(grants(&app, user.id).await, 1);
 }

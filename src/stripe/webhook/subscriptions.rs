@@ -178,6 +178,9 @@ pub(super) struct InvoiceObject {
     billing_reason: Option<String>,
     #[serde(default)]
     amount_paid: i64,
+    /// The invoice's total after discounts, before the customer's balance is applied: 0 for a
+    /// trial or a full discount, more when the balance paid it.
+    total: Option<i64>,
     currency: Option<String>,
     /// Before 2025-03-31: the subscription, charge and payment intent sit on the invoice.
     subscription: Option<Value>,
@@ -332,7 +335,8 @@ pub(super) async fn invoice_paid(
     }
     let (payment_intent, charge) = match invoice.payment_link() {
         Some(link) => link,
-        // A trial or fully discounted invoice: no payment to know.
+        // Nothing was charged (a trial, a full discount, or the customer's balance paid it): no
+        // payment to know.
         None if invoice.amount_paid <= 0 => (None, None),
         None => match payment_link {
             Some(Ok(link)) => link.clone(),
@@ -348,7 +352,7 @@ pub(super) async fn invoice_paid(
     };
     let outcome = sqlx::query_scalar!(
         r#"select public.stripe_grant('invoice', $1, $2, $3, $4, $5, $6, $7, $8, 'subscription',
-                                      $9, $10) as "outcome!""#,
+                                      $9, $10, $11) as "outcome!""#,
         &invoice.id,
         user,
         pack.0,
@@ -359,6 +363,8 @@ pub(super) async fn invoice_paid(
         charge,
         format!("Subscription: {}", pack.2),
         &event.id,
+        // Free when the invoice cost nothing, not when the customer's balance paid it.
+        invoice.total.map(|total| total <= 0),
     )
     .fetch_one(&mut *conn)
     .await?;
