@@ -1756,3 +1756,45 @@ async fn a_renewal_paid_from_the_customers_balance_grants_its_credits(
     assert_eq!(app.balance(user.id).await, 300);
     assert_eq!(grants(&app, user.id).await, 1);
 }
+
+#[sqlx::test]
+async fn a_redelivery_of_a_settled_event_asks_stripe_nothing(
+    _pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let (app, stripe) = stripe_app(connect).await;
+    let user = app.user().await;
+    let pack = new_pack(&app, 100, "one_time", "price_redelivered").await;
+    let paid = event(
+        &event_id(),
+        "checkout.session.completed",
+        checkout_session(
+            "cs_redelivered",
+            user.id,
+            pack,
+            100,
+            "pi_redelivered",
+            "paid",
+        ),
+    );
+    let lookups = || {
+        stripe
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/v1/payment_intents/"))
+            .count()
+    };
+
+    assert_eq!(app.webhook(&paid).await.body["duplicate"], false);
+    assert_eq!(lookups(), 1);
+    for _ in 0..3 {
+        assert_eq!(app.webhook(&paid).await.body["duplicate"], true);
+    }
+
+    assert_eq!(
+        lookups(),
+        1,
+        "redeliveries of a settled event ask Stripe nothing"
+    );
+    assert_eq!(app.balance(user.id).await, 100);
+}

@@ -182,6 +182,19 @@ pub async fn deliver(
             )
         });
 
+    // A redelivery of an event settled here is answered at once, without asking Stripe
+    // anything. (The claim below stays what decides: this only spares the lookups.)
+    let settled = sqlx::query_scalar!(
+        "select exists (select 1 from public.stripe_events where id = $1 and status <> 'failed')
+            as \"settled!\"",
+        &event.id,
+    )
+    .fetch_one(pool)
+    .await?;
+    if settled {
+        return Ok((event, Delivery::Duplicate));
+    }
+
     // Anything to ask Stripe is asked before the transaction opens: no row lock or pooled
     // connection is held while Stripe answers.
     let lookups = match wrong_mode {
