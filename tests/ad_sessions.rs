@@ -471,10 +471,10 @@ async fn sessions_are_counted_in_the_metrics(pool: PgPoolOptions, connect: PgCon
 
 #[sqlx::test]
 async fn a_completed_session_pays_once_even_through_its_payment_function(
-    _pool: PgPoolOptions,
+    pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let app = TestApp::new(_pool, connect).await;
+    let app = TestApp::new(pool, connect).await;
     let user = app.user().await;
     let session = open(&app, &user.token).await;
     started_ago(&app, &session, 31).await;

@@ -21,6 +21,19 @@ async fn admob_app(connect: PgConnectOptions, keys: &KeyServer) -> TestApp {
     TestApp::with_config(connect, config).await
 }
 
+/// The same, with `ADMOB_AD_UNITS` set to `units`.
+async fn admob_app_allowing(
+    connect: PgConnectOptions,
+    keys: &KeyServer,
+    units: &[&str],
+) -> TestApp {
+    let mut config = test_config();
+    config.ads.verification = amethyst_credits::config::AdsVerification::Admob;
+    config.ads.admob_keys_url = keys.url.clone();
+    config.ads.admob_ad_units = units.iter().map(|u| (*u).to_owned()).collect();
+    TestApp::with_config(connect, config).await
+}
+
 /// Opens a session that started 31 s ago, as far as the server knows.
 async fn watched_session(app: &TestApp, token: &str) -> String {
     let opened = app.post("/v1/ads/sessions", Some(token), json!({})).await;
@@ -309,11 +322,7 @@ async fn stale_callbacks_and_ad_units_outside_the_allow_list_are_refused(
 ) {
     let key = AdmobKey::generate(1);
     let keys = KeyServer::start(&[&key]).await;
-    let mut config = test_config();
-    config.ads.verification = amethyst_credits::config::AdsVerification::Admob;
-    config.ads.admob_keys_url = keys.url.clone();
-    config.ads.admob_ad_units = vec!["1234567890".to_owned()];
-    let app = TestApp::with_config(connect, config).await;
+    let app = admob_app_allowing(connect, &keys, &["1234567890"]).await;
     let user = app.user().await;
     let session = watched_session(&app, &user.token).await;
     complete(&app, &user.token, &session).await;
@@ -504,11 +513,7 @@ async fn parameters_smuggled_inside_a_signed_value_cannot_change_what_is_read(
     // to the same signed text whichever way it is re-encoded: it must not pass as ours.
     let key = AdmobKey::generate(1);
     let keys = KeyServer::start(&[&key]).await;
-    let mut config = test_config();
-    config.ads.verification = amethyst_credits::config::AdsVerification::Admob;
-    config.ads.admob_keys_url = keys.url.clone();
-    config.ads.admob_ad_units = vec!["1234567890".to_owned()];
-    let app = TestApp::with_config(connect, config).await;
+    let app = admob_app_allowing(connect, &keys, &["1234567890"]).await;
     let user = app.user().await;
     let session = watched_session(&app, &user.token).await;
     complete(&app, &user.token, &session).await;
