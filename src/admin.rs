@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::{OriginalUri, State};
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -84,13 +84,15 @@ pub async fn search_users(
     let pattern = email.map(|e| format!("%{}%", escape_like(&e)));
     let rows = sqlx::query_as!(
         ProfileRow,
-        r#"select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
-                  a.views_today as "views_today!", a.daily_limit as "daily_limit!",
+        r#"select p.id, p.email, p.display_name, p.avatar_url, b.credits as "credits!",
+                  p.is_admin, a.views_today as "views_today!", a.daily_limit as "daily_limit!",
                   a.views_remaining as "views_remaining!", a.resets_at as "resets_at!",
                   p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
-                  p.created_at, p.updated_at
+                  p.created_at, p.updated_at, b.available as "available!", b.held as "held!",
+                  b.paid as "paid!", b.promotional as "promotional!", b.expiring as "expiring!"
              from public.profiles p
             cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
+            cross join lateral public.credit_balance(p.id) b
             where ($1::text is null or lower(p.email) like $1 escape '\')
               and ($2::timestamptz is null or (p.created_at, p.id) < ($2, $3))
             order by p.created_at desc, p.id desc
@@ -187,6 +189,9 @@ pub struct AdjustRequest {
     pub amount: i64,
     /// Why, for the ledger (1–500 characters).
     pub reason: String,
+    /// When the credits added expire (in the future; only with a positive amount). Without
+    /// it, as the `admin` credit source says (by default, never).
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// Adds or removes credits; recorded with source `admin`.
@@ -234,6 +239,12 @@ pub async fn adjust_credits(
     if is_blank(&request.reason) {
         errors.push(FieldError::new("reason", "is required"));
     }
+    if request.expires_at.is_some() && request.amount < 0 {
+        errors.push(FieldError::new(
+            "expires_at",
+            "applies to credits added, not taken",
+        ));
+    }
     let reason = Some(request.reason.trim().to_owned());
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
@@ -253,6 +264,7 @@ pub async fn adjust_credits(
             &hash,
             request.amount,
             reason.as_deref(),
+            request.expires_at,
         )
     })
     .await
@@ -266,6 +278,7 @@ async fn adjust_once(
     hash: &[u8],
     amount: i64,
     reason: Option<&str>,
+    expires_at: Option<DateTime<Utc>>,
 ) -> ApiResult<Response> {
     let mut work = match idempotency::try_processing(&state.pool, owner, key, hash).await? {
         Claim::Replay(answer) => return Ok(answer),
@@ -276,11 +289,12 @@ async fn adjust_once(
         r#"select id as "id!", amount as "amount!", balance_after as "balance_after!",
                   source as "source!", description, reference, created_at as "created_at!",
                   seq as "seq!"
-             from public.add_credits($1, $2, 'admin', $3, $4)"#,
+             from public.add_credits($1, $2, 'admin', $3, $4, $5)"#,
         id,
         amount as i32,
         reason,
         owner,
+        expires_at,
     )
     .fetch_one(work.conn())
     .await?;

@@ -72,6 +72,9 @@ pub enum ApiError {
     TooManyAdSessions,
     #[error("ad session expired")]
     AdSessionExpired,
+    /// A capture or release of a hold already captured, released or expired.
+    #[error("hold not active")]
+    HoldNotActive,
     /// A query string that is not the shape a caller outside our API sends (AdMob's callback):
     /// 400 `validation_failed`, naming the parameters at fault.
     #[error("malformed query")]
@@ -118,7 +121,9 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Self::InvalidSignature | Self::MalformedQuery(_) => StatusCode::BAD_REQUEST,
-            Self::AdSessionRequired | Self::TooManyAdSessions => StatusCode::CONFLICT,
+            Self::AdSessionRequired | Self::TooManyAdSessions | Self::HoldNotActive => {
+                StatusCode::CONFLICT
+            }
             Self::AdSessionExpired => StatusCode::GONE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::StripeNotConfigured | Self::Unavailable(_) | Self::Conflict => {
@@ -141,6 +146,7 @@ impl ApiError {
             Self::AdSessionRequired => "ad_session_required",
             Self::TooManyAdSessions => "too_many_ad_sessions",
             Self::AdSessionExpired => "ad_session_expired",
+            Self::HoldNotActive => "hold_not_active",
             Self::InsufficientCredits => "insufficient_credits",
             Self::DailyAdLimitReached { .. } => "daily_ad_limit_reached",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
@@ -166,6 +172,7 @@ impl ApiError {
             Self::AdSessionRequired => "Ad views are paid through ad sessions",
             Self::TooManyAdSessions => "Too many open ad sessions",
             Self::AdSessionExpired => "The ad session has expired",
+            Self::HoldNotActive => "The hold is not active",
             Self::InsufficientCredits => "Not enough credits",
             Self::DailyAdLimitReached { .. } => "Daily ad view limit reached",
             Self::IdempotencyKeyReused => "Idempotency key already used for another request",
@@ -205,6 +212,11 @@ impl ApiError {
             }
             Self::AdSessionExpired => {
                 "The ad session outlived its lifetime and pays nothing; open a new one.".to_owned()
+            }
+            Self::HoldNotActive => {
+                "This hold was already captured, released or has expired; its credits are no \
+                 longer reserved."
+                    .to_owned()
             }
             Self::InsufficientCredits => "The balance is too low for this operation.".to_owned(),
             Self::DailyAdLimitReached { .. } => {
@@ -304,6 +316,15 @@ impl From<sqlx::Error> for ApiError {
                 Some("ACS04") => return Self::NotFound("ad session"),
                 Some("ACS09") => return Self::TooManyAdSessions,
                 Some("ACS10") => return Self::AdSessionExpired,
+                Some("ACH04") => return Self::NotFound("hold"),
+                Some("ACH09") => return Self::HoldNotActive,
+                // A value only the database can judge (against a hold's amount, its clock): the
+                // field is the error's detail, the message its text.
+                Some("AC422") => {
+                    if let Some(e) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                        return Self::field(e.detail().unwrap_or("body"), e.message());
+                    }
+                }
                 // The function says when the ad day ends, in seconds, as the error's detail.
                 Some("AC429") => {
                     let retry_after_seconds = db

@@ -14,7 +14,7 @@
 //!    keys for AdMob's reward callbacks);
 //! 2. [`state`]: the shared state, built from the plumbing;
 //! 3. features, one per capability, each owning its routes, types and SQL: [`profiles`],
-//!    [`credits`], [`ads`], [`packs`], [`images`], [`admin`], [`stripe`], [`maintenance`],
+//!    [`credits`], [`holds`], [`lots`], [`ads`], [`packs`], [`images`], [`admin`], [`stripe`], [`maintenance`],
 //!    [`operations`]; a feature may use a feature below it (admin shows profiles and credits);
 //! 4. [`router`]: the one place that knows every feature;
 //! 5. [`cli`] and [`verify`]: the binary's verbs.
@@ -38,7 +38,9 @@ pub mod state;
 pub mod admin;
 pub mod ads;
 pub mod credits;
+pub mod holds;
 pub mod images;
+pub mod lots;
 pub mod maintenance;
 pub mod operations;
 pub mod packs;

@@ -49,3 +49,12 @@ pub const PAGE_DEFAULT: i64 = 20;
 /// Days of admin statistics, and the default.
 pub const STATS_DAYS_MAX: i32 = 366;
 pub const STATS_DAYS_DEFAULT: i32 = 30;
+
+/// The largest hold, in credits.
+pub const HOLD_MAX: i64 = 1_000_000;
+/// A hold's lifetime, in seconds: at most a day, ten minutes unless said.
+pub const HOLD_TTL_MAX: i64 = 86_400;
+pub const HOLD_TTL_DEFAULT: i64 = 600;
+/// A credit source's priority (lower is spent first) and the days before its lots expire.
+pub const SOURCE_PRIORITY_MAX: i64 = 1_000;
+pub const SOURCE_EXPIRY_DAYS_MAX: i64 = 36_500;

@@ -21,6 +21,7 @@ use crate::limits;
     tags(
         (name = "profile", description = "The signed-in user's profile"),
         (name = "credits", description = "Balances, history, spending and the pack catalogue"),
+        (name = "holds", description = "Credits reserved for image generations: reserve, capture, release (service_role key or an admin's token)"),
         (name = "ads", description = "Rewarded ads: ad sessions, AdMob's server-side verification callback, and views on the client's word (development only)"),
         (name = "images", description = "The signed-in user's images"),
         (name = "stripe", description = "Stripe webhooks (signed with the endpoint's secret)"),

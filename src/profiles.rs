@@ -38,6 +38,11 @@ pub struct ProfileRow {
     pub subscription_current_period_end: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub available: i32,
+    pub held: i32,
+    pub paid: i32,
+    pub promotional: i32,
+    pub expiring: serde_json::Value,
 }
 
 /// A user's profile and balance.
@@ -50,6 +55,8 @@ pub struct Profile {
     /// Current balance in credits.
     pub credits: i32,
     pub is_admin: bool,
+    /// The balance in parts.
+    pub balance: Balance,
     pub subscription: Option<Subscription>,
     pub ads: AdAllowance,
     pub created_at: DateTime<Utc>,
@@ -63,6 +70,28 @@ pub struct Subscription {
     /// The credit pack the subscription is for.
     pub plan: Option<String>,
     pub current_period_end: Option<DateTime<Utc>>,
+}
+
+/// A balance in parts. `available` = `credits` − `held`; `paid` + `promotional` = `credits`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Balance {
+    /// What can be spent or reserved now.
+    pub available: i32,
+    /// Reserved by active holds.
+    pub held: i32,
+    /// Credits bought (Stripe purchases and subscriptions, and balances from before lots).
+    pub paid: i32,
+    /// Ad rewards, admin and system grants.
+    pub promotional: i32,
+    /// The next expiries, soonest first (at most 3).
+    pub expiring: Vec<Expiring>,
+}
+
+/// Credits that expire together.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Expiring {
+    pub amount: i32,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// Today's rewarded ad views.
@@ -83,6 +112,14 @@ impl From<ProfileRow> for Profile {
             display_name: row.display_name,
             avatar_url: row.avatar_url,
             credits: row.credits,
+            balance: Balance {
+                available: row.available,
+                held: row.held,
+                paid: row.paid,
+                promotional: row.promotional,
+                // Written by public.credit_balance in this very shape.
+                expiring: serde_json::from_value(row.expiring).unwrap_or_default(),
+            },
             is_admin: row.is_admin,
             subscription: row.subscription_status.map(|status| Subscription {
                 status,
@@ -105,13 +142,15 @@ impl From<ProfileRow> for Profile {
 pub async fn fetch(pool: &sqlx::PgPool, id: Uuid) -> ApiResult<Option<Profile>> {
     let row = sqlx::query_as!(
         ProfileRow,
-        r#"select p.id, p.email, p.display_name, p.avatar_url, p.credits, p.is_admin,
+        r#"select p.id, p.email, p.display_name, p.avatar_url, b.credits as "credits!", p.is_admin,
                   a.views_today as "views_today!", a.daily_limit as "daily_limit!",
                   a.views_remaining as "views_remaining!", a.resets_at as "resets_at!",
                   p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
-                  p.created_at, p.updated_at
+                  p.created_at, p.updated_at, b.available as "available!", b.held as "held!",
+                  b.paid as "paid!", b.promotional as "promotional!", b.expiring as "expiring!"
              from public.profiles p
             cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
+            cross join lateral public.credit_balance(p.id) b
             where p.id = $1"#,
         id,
     )
@@ -137,14 +176,17 @@ pub async fn get_me(State(state): State<AppState>, user: AuthUser) -> ApiResult<
     // One round trip: the function reads as the user, under RLS (see the user reads migration).
     let row = sqlx::query_as!(
         ProfileRow,
-        r#"select p.id as "id!", p.email, p.display_name, p.avatar_url, p.credits as "credits!",
+        r#"select p.id as "id!", p.email, p.display_name, p.avatar_url, b.credits as "credits!",
                   p.is_admin as "is_admin!", a.views_today as "views_today!",
                   a.daily_limit as "daily_limit!", a.views_remaining as "views_remaining!",
                   a.resets_at as "resets_at!", p.subscription_status, p.subscription_plan,
                   p.subscription_current_period_end, p.created_at as "created_at!",
-                  p.updated_at as "updated_at!"
+                  p.updated_at as "updated_at!", b.available as "available!",
+                  b.held as "held!", b.paid as "paid!", b.promotional as "promotional!",
+                  b.expiring as "expiring!"
              from public.profile_as_user($1) p
-            cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a"#,
+            cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
+            cross join lateral public.credit_balance(p.id) b"#,
         &*user.claims,
     )
     .fetch_optional(&state.pool)
@@ -232,14 +274,17 @@ pub async fn patch_me(
     let (set_name, set_avatar) = (display_name.is_some(), avatar_url.is_some());
     let row = sqlx::query_as!(
         ProfileRow,
-        r#"select p.id as "id!", p.email, p.display_name, p.avatar_url, p.credits as "credits!",
+        r#"select p.id as "id!", p.email, p.display_name, p.avatar_url, b.credits as "credits!",
                   p.is_admin as "is_admin!", a.views_today as "views_today!",
                   a.daily_limit as "daily_limit!", a.views_remaining as "views_remaining!",
                   a.resets_at as "resets_at!", p.subscription_status, p.subscription_plan,
                   p.subscription_current_period_end, p.created_at as "created_at!",
-                  p.updated_at as "updated_at!"
+                  p.updated_at as "updated_at!", b.available as "available!",
+                  b.held as "held!", b.paid as "paid!", b.promotional as "promotional!",
+                  b.expiring as "expiring!"
              from public.update_profile_as_user($1, $2, $3, $4, $5) p
-            cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a"#,
+            cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
+            cross join lateral public.credit_balance(p.id) b"#,
         &*user.claims,
         set_name,
         display_name.flatten(),

@@ -21,8 +21,8 @@ use crate::error::ApiError;
 use crate::extract::BODY_LIMIT_BYTES;
 use crate::state::AppState;
 use crate::{
-    admin, ads, auth, credits, images, maintenance, openapi, operations, packs, profiles,
-    rate_limit, stripe, telemetry,
+    admin, ads, auth, credits, holds, images, lots, maintenance, openapi, operations, packs,
+    profiles, rate_limit, stripe, telemetry,
 };
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -32,6 +32,8 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (api_router, api) = OpenApiRouter::with_openapi(openapi::base())
         .merge(profiles::router())
         .merge(credits::router())
+        .merge(holds::router())
+        .merge(lots::router())
         .merge(ads::router())
         .merge(packs::router())
         .merge(admin::router())

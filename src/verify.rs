@@ -6,7 +6,6 @@
 use std::fmt;
 
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 /// One check and what it found.
 #[derive(Debug, Clone)]
@@ -69,6 +68,11 @@ const REQUIRED_FUNCTIONS: &[&str] = &[
     "complete_ad_session",
     "pay_ad_session",
     "record_admob_callback",
+    "reserve_credits",
+    "capture_hold",
+    "release_hold",
+    "credit_balance",
+    "expire_due_credits",
 ];
 
 /// Functions that change balances, or act as any user given their claims: never executable by
@@ -90,6 +94,19 @@ const PRIVILEGED_FUNCTIONS: &[&str] = &[
     "transactions_as_user",
     "images_as_user",
     "image_as_user",
+    "reserve_credits",
+    "capture_hold",
+    "release_hold",
+    "credit_balance",
+    "expire_due_credits",
+    "lots_lock",
+    "lots_draw",
+    "lots_settle",
+    "lots_create",
+    "ledger_write",
+    "hold_lock",
+    "lots_as_user",
+    "holds_as_user",
 ];
 
 /// Runs every check.
@@ -266,26 +283,32 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
             .collect(),
     );
 
-    // The ledger (docs/api.md, "The ledger"): credits = sum(amount) = newest balance_after, for every profile, archived
-    // transactions included (the same check as the daily maintenance).
-    let broken: Vec<(Uuid, i32, i64, Option<i32>)> = sqlx::query!(
+    // The ledger (docs/api.md, "The ledger"): credits = sum(amount) = newest balance_after =
+    // the lots' remaining credits, active holds within credits, and every lot's remaining is
+    // what the ledger says is left of it; for every profile, archived transactions included
+    // (the same check as the daily maintenance).
+    let broken = sqlx::query!(
         r#"select user_id as "user_id!", credits as "credits!", ledger_total as "ledger_total!",
-                  newest_balance_after
+                  newest_balance_after, lots_remaining as "lots_remaining!", held as "held!",
+                  lots_off_ledger as "lots_off_ledger!"
              from public.ledger_discrepancies() order by user_id limit 1000"#
     )
     .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|r| (r.user_id, r.credits, r.ledger_total, r.newest_balance_after))
-    .collect();
+    .await?;
     report.add(
-        "ledger: every balance equals the sum of its transactions (archive included) and the newest balance_after",
+        "ledger: every balance equals the sum of its transactions (archive included), the newest balance_after and the remaining credits of its lots; active holds stay within it; every lot agrees with its draws",
         broken
             .into_iter()
-            .map(|(id, credits, total, newest)| {
+            .map(|r| {
                 format!(
-                    "user {id}: balance {credits}, sum of transactions {total}, newest balance_after {}",
-                    newest.map_or("none".to_owned(), |b| b.to_string())
+                    "user {}: balance {}, sum of transactions {}, newest balance_after {}, lots remaining {}, held {}, lots disagreeing with their draws {}",
+                    r.user_id,
+                    r.credits,
+                    r.ledger_total,
+                    r.newest_balance_after.map_or("none".to_owned(), |b| b.to_string()),
+                    r.lots_remaining,
+                    r.held,
+                    r.lots_off_ledger,
                 )
             })
             .collect(),

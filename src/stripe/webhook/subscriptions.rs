@@ -246,6 +246,18 @@ impl InvoiceObject {
         (intent.is_some() || charge.is_some()).then_some((intent, charge))
     }
 
+    /// The end of the period the invoice pays for: the latest `period.end` of its lines.
+    fn paid_until(&self) -> Option<DateTime<Utc>> {
+        self.lines
+            .as_ref()
+            .map(|l| l.data.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|line| line.pointer("/period/end").and_then(Value::as_i64))
+            .max()
+            .and_then(|end| DateTime::<Utc>::from_timestamp(end, 0))
+    }
+
     /// Whether this invoice grants credits (a subscription's first or renewal invoice).
     fn grants_credits(&self) -> bool {
         matches!(
@@ -352,7 +364,7 @@ pub(super) async fn invoice_paid(
     };
     let outcome = sqlx::query_scalar!(
         r#"select public.stripe_grant('invoice', $1, $2, $3, $4, $5, $6, $7, $8, 'subscription',
-                                      $9, $10, $11) as "outcome!""#,
+                                      $9, $10, $11, $12) as "outcome!""#,
         &invoice.id,
         user,
         pack.0,
@@ -365,6 +377,8 @@ pub(super) async fn invoice_paid(
         &event.id,
         // Free when the invoice cost nothing, not when the customer's balance paid it.
         invoice.total.map(|total| total <= 0),
+        // The credits last as long as the period paid for.
+        invoice.paid_until(),
     )
     .fetch_one(&mut *conn)
     .await?;
