@@ -93,25 +93,24 @@ async fn spends_take_promotional_credits_first_soonest_expiry_first_and_never_ex
     let later = lot(&app, user.id, "admin", 7, Some("2 days")).await;
     let never = lot(&app, user.id, "system", 3, None).await;
 
-    // Three hours on: the 5 admin credits are past their expiry; no job has run.
+    // Three hours on: the 5 admin credits are past their expiry; no job has run and nothing
+    // has read the balance since.
     set_clock(&app, "3 hours").await;
-    let me = app.get("/v1/me", Some(&user.token)).await;
-    assert_eq!(me.status, 200, "{:?}", me.body);
-    assert_eq!(me.body["credits"], 120);
-    assert_eq!(me.body["balance"]["available"], 120);
-    assert_eq!(me.body["balance"]["held"], 0);
-    assert_eq!(me.body["balance"]["paid"], 100);
-    assert_eq!(me.body["balance"]["promotional"], 20);
-    let expiring = me.body["balance"]["expiring"].as_array().unwrap();
-    assert_eq!(expiring.len(), 2, "{expiring:?}");
-    assert_eq!(expiring[0]["amount"], 7);
-    assert_eq!(expiring[1]["amount"], 10);
-
     let spent = app
         .post("/v1/credits/spend", Some(&user.token), json!({"amount": 15}))
         .await;
     assert_eq!(spent.status, 201, "{:?}", spent.body);
     assert_eq!(spent.body["balance"], 105);
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.status, 200, "{:?}", me.body);
+    assert_eq!(me.body["credits"], 105);
+    assert_eq!(me.body["balance"]["available"], 105);
+    assert_eq!(me.body["balance"]["held"], 0);
+    assert_eq!(me.body["balance"]["paid"], 100);
+    assert_eq!(me.body["balance"]["promotional"], 5);
+    let expiring = me.body["balance"]["expiring"].as_array().unwrap();
+    assert_eq!(expiring.len(), 1, "{expiring:?}");
+    assert_eq!(expiring[0]["amount"], 2);
 
     // Ad rewards (priority 10) first, then priority 20 by soonest expiry: the 2-day admin lot
     // before the never-expiring system one. The expired lot gave nothing to the spend.
@@ -143,6 +142,34 @@ async fn spends_take_promotional_credits_first_soonest_expiry_first_and_never_ex
     assert_eq!(live, vec![3, 2, 100]);
     let all = app.get("/v1/me/lots?all=true", Some(&user.token)).await;
     assert_eq!(all.body["items"].as_array().unwrap().len(), 5);
+}
+
+#[sqlx::test]
+async fn a_read_never_counts_credits_past_their_expiry_even_before_the_daily_job(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    lot(&app, user.id, "stripe", 10, None).await;
+    let ad = lot(&app, user.id, "ad_view", 5, Some("1 hour")).await;
+
+    set_clock(&app, "2 hours").await;
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["credits"], 10, "{:?}", me.body);
+    assert_eq!(me.body["balance"]["available"], 10);
+    assert_eq!(me.body["balance"]["promotional"], 0);
+    assert_eq!(me.body["balance"]["expiring"], json!([]));
+    // The read wrote the expiry, so the ledger says the same.
+    let history = app.get("/v1/me/transactions", Some(&user.token)).await;
+    assert_eq!(history.body["items"][0]["source"], "expiry");
+    assert_eq!(history.body["items"][0]["amount"], -5);
+    assert_eq!(history.body["items"][0]["balance_after"], 10);
+    assert_eq!(remaining(&app, ad).await, 0);
+    let admin = app.admin().await;
+    let seen = app.get(&format!("/v1/admin/users/{}", user.id), Some(&admin.token)).await;
+    assert_eq!(seen.body["credits"], 10);
+    assert!(discrepancies(&app).await.is_empty());
 }
 
 #[sqlx::test]
@@ -213,27 +240,37 @@ async fn an_expiry_racing_spends_of_the_same_credits_lets_each_credit_go_once(
     }
     set_clock(&app, "2 hours").await;
 
-    // Each user spends 10 while the daily expiry sweeps everyone.
+    // Half the users spend before any sweep (their own spend must expire what is due), the
+    // other half while the daily expiry sweeps everyone.
     let users = Arc::new(users);
-    let outcomes = all_at_once(21, |i| {
+    let spend = |i: usize| {
         let app = app.clone();
         let users = users.clone();
         async move {
-            if i == 20 {
-                sqlx::query("select * from public.expire_due_credits()")
-                    .execute(&app.owner)
-                    .await
-                    .unwrap();
-                return 0;
-            }
             let (user, _, _) = &users[i];
             app.post("/v1/credits/spend", Some(&user.token), json!({"amount": 10}))
                 .await
                 .status
                 .as_u16()
         }
+    };
+    let mut outcomes = all_at_once(10, spend).await;
+    let raced = all_at_once(11, |i| {
+        let app = app.clone();
+        let spend = spend(10 + i.min(9));
+        async move {
+            if i == 10 {
+                sqlx::query("select * from public.expire_due_credits()")
+                    .execute(&app.owner)
+                    .await
+                    .unwrap();
+                return 0;
+            }
+            spend.await
+        }
     })
     .await;
+    outcomes.extend(raced);
     assert!(outcomes.iter().all(|s| *s == 0 || *s == 201), "{outcomes:?}");
 
     for (user, promo, paid) in users.iter() {
