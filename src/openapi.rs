@@ -279,6 +279,21 @@ impl Constraint {
 /// What validation enforces on request fields, by schema and property.
 const FIELD_CONSTRAINTS: &[(&str, &str, Constraint)] = &[
     (
+        "HoldRequest",
+        "reference",
+        Constraint::text(limits::REFERENCE_CHARS, TEXT),
+    ),
+    (
+        "HoldRequest",
+        "description",
+        Constraint::text(limits::DESCRIPTION_CHARS, TEXT),
+    ),
+    (
+        "CaptureRequest",
+        "description",
+        Constraint::text(limits::DESCRIPTION_CHARS, TEXT),
+    ),
+    (
         "SpendRequest",
         "amount",
         Constraint::range(1, limits::SPEND_MAX),
