@@ -174,12 +174,11 @@ pub async fn reserve(
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
     let owner = format!("holds:{}", caller.actor());
     db::retrying_conflicts(|| async {
-        let mut work = match idempotency::try_processing(&state.pool, &owner, key.as_deref(), &hash)
-            .await?
-        {
-            Claim::Replay(answer) => return Ok(answer),
-            Claim::Start(work) => work,
-        };
+        let mut work =
+            match idempotency::try_processing(&state.pool, &owner, key.as_deref(), &hash).await? {
+                Claim::Replay(answer) => return Ok(answer),
+                Claim::Start(work) => work,
+            };
         let hold = sqlx::query_as!(
             Hold,
             r#"select id as "id!", user_id as "user_id!", amount as "amount!",
@@ -302,12 +301,11 @@ pub async fn capture(
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &document);
     let owner = format!("holds:{}", caller.actor());
     db::retrying_conflicts(|| async {
-        let mut work = match idempotency::try_processing(&state.pool, &owner, key.as_deref(), &hash)
-            .await?
-        {
-            Claim::Replay(answer) => return Ok(answer),
-            Claim::Start(work) => work,
-        };
+        let mut work =
+            match idempotency::try_processing(&state.pool, &owner, key.as_deref(), &hash).await? {
+                Claim::Replay(answer) => return Ok(answer),
+                Claim::Start(work) => work,
+            };
         let row = sqlx::query!(
             r#"select h_id as "h_id!", h_user_id as "h_user_id!", h_amount as "h_amount!",
                       h_captured_amount as "h_captured_amount!", h_status as "h_status!",
@@ -381,12 +379,11 @@ pub async fn release(
     let hash = idempotency::fingerprint(&Method::POST, uri.path(), &serde_json::json!({}));
     let owner = format!("holds:{}", caller.actor());
     db::retrying_conflicts(|| async {
-        let mut work = match idempotency::try_processing(&state.pool, &owner, key.as_deref(), &hash)
-            .await?
-        {
-            Claim::Replay(answer) => return Ok(answer),
-            Claim::Start(work) => work,
-        };
+        let mut work =
+            match idempotency::try_processing(&state.pool, &owner, key.as_deref(), &hash).await? {
+                Claim::Replay(answer) => return Ok(answer),
+                Claim::Start(work) => work,
+            };
         let row = sqlx::query!(
             r#"select h_id as "h_id!", h_user_id as "h_user_id!", h_amount as "h_amount!",
                       h_captured_amount as "h_captured_amount!", h_status as "h_status!",
@@ -460,5 +457,7 @@ pub async fn my_holds(
     )
     .fetch_all(&state.pool)
     .await?;
-    Ok(Json(List::from_rows(rows, page.limit, |h| h.seq.to_string())))
+    Ok(Json(List::from_rows(rows, page.limit, |h| {
+        h.seq.to_string()
+    })))
 }

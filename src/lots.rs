@@ -139,7 +139,9 @@ pub async fn my_lots(
     )
     .fetch_all(&state.pool)
     .await?;
-    Ok(Json(List::from_rows(rows, page.limit, |l| l.seq.to_string())))
+    Ok(Json(List::from_rows(rows, page.limit, |l| {
+        l.seq.to_string()
+    })))
 }
 
 /// A user's lots, newest first: live ones unless `all=true`.
@@ -190,7 +192,9 @@ pub async fn user_lots(
             return Err(ApiError::ProfileNotFound);
         }
     }
-    Ok(Json(List::from_rows(rows, page.limit, |l| l.seq.to_string())))
+    Ok(Json(List::from_rows(rows, page.limit, |l| {
+        l.seq.to_string()
+    })))
 }
 
 /// Every source of credits, with its priority and expiry.

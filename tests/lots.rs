@@ -28,7 +28,13 @@ async fn set_clock(app: &TestApp, ahead: &str) {
 }
 
 /// Grants a lot; `expires_in` is an interval from the database's clock.
-async fn lot(app: &TestApp, user: Uuid, source: &str, amount: i32, expires_in: Option<&str>) -> Uuid {
+async fn lot(
+    app: &TestApp,
+    user: Uuid,
+    source: &str,
+    amount: i32,
+    expires_in: Option<&str>,
+) -> Uuid {
     sqlx::query_scalar(
         "select (t.lots -> 0 ->> 'lot')::uuid
            from public.add_credits($1, $2, $3, 'test lot', null,
@@ -97,7 +103,11 @@ async fn spends_take_promotional_credits_first_soonest_expiry_first_and_never_ex
     // has read the balance since.
     set_clock(&app, "3 hours").await;
     let spent = app
-        .post("/v1/credits/spend", Some(&user.token), json!({"amount": 15}))
+        .post(
+            "/v1/credits/spend",
+            Some(&user.token),
+            json!({"amount": 15}),
+        )
         .await;
     assert_eq!(spent.status, 201, "{:?}", spent.body);
     assert_eq!(spent.body["balance"], 105);
@@ -167,7 +177,9 @@ async fn a_read_never_counts_credits_past_their_expiry_even_before_the_daily_job
     assert_eq!(history.body["items"][0]["balance_after"], 10);
     assert_eq!(remaining(&app, ad).await, 0);
     let admin = app.admin().await;
-    let seen = app.get(&format!("/v1/admin/users/{}", user.id), Some(&admin.token)).await;
+    let seen = app
+        .get(&format!("/v1/admin/users/{}", user.id), Some(&admin.token))
+        .await;
     assert_eq!(seen.body["credits"], 10);
     assert!(discrepancies(&app).await.is_empty());
 }
@@ -197,7 +209,11 @@ async fn a_refund_takes_back_the_purchases_own_lot_first_then_the_others_in_spen
     .unwrap();
     // 20 spent: the 10 ad credits, then 10 of the purchase.
     let spent = app
-        .post("/v1/credits/spend", Some(&user.token), json!({"amount": 20}))
+        .post(
+            "/v1/credits/spend",
+            Some(&user.token),
+            json!({"amount": 20}),
+        )
         .await;
     assert_eq!(spent.status, 201);
     assert_eq!(remaining(&app, ad).await, 0);
@@ -248,10 +264,14 @@ async fn an_expiry_racing_spends_of_the_same_credits_lets_each_credit_go_once(
         let users = users.clone();
         async move {
             let (user, _, _) = &users[i];
-            app.post("/v1/credits/spend", Some(&user.token), json!({"amount": 10}))
-                .await
-                .status
-                .as_u16()
+            app.post(
+                "/v1/credits/spend",
+                Some(&user.token),
+                json!({"amount": 10}),
+            )
+            .await
+            .status
+            .as_u16()
         }
     };
     let mut outcomes = all_at_once(10, spend).await;
@@ -271,7 +291,10 @@ async fn an_expiry_racing_spends_of_the_same_credits_lets_each_credit_go_once(
     })
     .await;
     outcomes.extend(raced);
-    assert!(outcomes.iter().all(|s| *s == 0 || *s == 201), "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|s| *s == 0 || *s == 201),
+        "{outcomes:?}"
+    );
 
     for (user, promo, paid) in users.iter() {
         // The expired 10 went to expiry, the spend took the paid 10: nothing twice, nothing lost.
@@ -287,7 +310,13 @@ async fn an_expiry_racing_spends_of_the_same_credits_lets_each_credit_go_once(
     assert!(discrepancies(&app).await.is_empty());
 }
 
-async fn reserve(app: &TestApp, user: Uuid, amount: i32, ttl: i32, reference: &str) -> common::TestResponse {
+async fn reserve(
+    app: &TestApp,
+    user: Uuid,
+    amount: i32,
+    ttl: i32,
+    reference: &str,
+) -> common::TestResponse {
     app.post(
         "/v1/holds",
         Some(&service_role_key()),
@@ -316,7 +345,9 @@ async fn a_hold_reserves_credits_and_its_capture_spends_part_once(
     assert_eq!(me.body["credits"], 10);
     assert_eq!(me.body["balance"]["available"], 2);
     assert_eq!(me.body["balance"]["held"], 8);
-    let mine = app.get("/v1/me/holds?status=active", Some(&user.token)).await;
+    let mine = app
+        .get("/v1/me/holds?status=active", Some(&user.token))
+        .await;
     assert_eq!(mine.body["items"][0]["id"], id);
     let refused = app
         .post("/v1/credits/spend", Some(&user.token), json!({"amount": 3}))
@@ -328,17 +359,29 @@ async fn a_hold_reserves_credits_and_its_capture_spends_part_once(
 
     // Users cannot settle holds.
     let by_user = app
-        .post(&format!("/v1/holds/{id}/capture"), Some(&user.token), json!({}))
+        .post(
+            &format!("/v1/holds/{id}/capture"),
+            Some(&user.token),
+            json!({}),
+        )
         .await;
     assert_eq!(by_user.status, 403);
 
     let over = app
-        .post(&format!("/v1/holds/{id}/capture"), Some(&service), json!({"amount": 9}))
+        .post(
+            &format!("/v1/holds/{id}/capture"),
+            Some(&service),
+            json!({"amount": 9}),
+        )
         .await;
     assert_eq!(over.status, 422, "{:?}", over.body);
 
     let captured = app
-        .post(&format!("/v1/holds/{id}/capture"), Some(&service), json!({"amount": 5}))
+        .post(
+            &format!("/v1/holds/{id}/capture"),
+            Some(&service),
+            json!({"amount": 5}),
+        )
         .await;
     assert_eq!(captured.status, 200, "{:?}", captured.body);
     assert_eq!(captured.body["hold"]["status"], "captured");
@@ -374,10 +417,20 @@ async fn an_idempotency_key_replays_a_capture_instead_of_refusing_it(
     let id = hold.body["id"].as_str().unwrap();
 
     let first = app
-        .post_with_key(&format!("/v1/holds/{id}/capture"), &service, "cap-1", json!({}))
+        .post_with_key(
+            &format!("/v1/holds/{id}/capture"),
+            &service,
+            "cap-1",
+            json!({}),
+        )
         .await;
     let second = app
-        .post_with_key(&format!("/v1/holds/{id}/capture"), &service, "cap-1", json!({}))
+        .post_with_key(
+            &format!("/v1/holds/{id}/capture"),
+            &service,
+            "cap-1",
+            json!({}),
+        )
         .await;
     assert_eq!(first.status, 200);
     assert_eq!(second.status, 200);
@@ -413,12 +466,20 @@ async fn a_hold_lapses_by_the_clock_and_is_never_captured_after(
     assert_eq!(me.body["balance"]["held"], 0);
 
     let late = app
-        .post(&format!("/v1/holds/{id}/capture"), Some(&service), json!({}))
+        .post(
+            &format!("/v1/holds/{id}/capture"),
+            Some(&service),
+            json!({}),
+        )
         .await;
     assert_eq!(late.status, 409);
     assert_eq!(late.code(), "hold_not_active");
     let spent = app
-        .post("/v1/credits/spend", Some(&user.token), json!({"amount": 10}))
+        .post(
+            "/v1/credits/spend",
+            Some(&user.token),
+            json!({"amount": 10}),
+        )
         .await;
     assert_eq!(spent.status, 201);
     assert!(discrepancies(&app).await.is_empty());
@@ -446,13 +507,20 @@ async fn credits_a_hold_keeps_from_expiring_are_captured_first_and_the_rest_expi
     assert_eq!(remaining(&app, promo).await, 10);
 
     let captured = app
-        .post(&format!("/v1/holds/{id}/capture"), Some(&service), json!({"amount": 100}))
+        .post(
+            &format!("/v1/holds/{id}/capture"),
+            Some(&service),
+            json!({"amount": 100}),
+        )
         .await;
     assert_eq!(captured.status, 200, "{:?}", captured.body);
     assert_eq!(captured.body["balance"], 10);
     let rows = ledger(&app, user.id).await;
     let spend = rows.iter().find(|r| r.0 == "spend").unwrap();
-    assert_eq!(spend.2, json!({promo.to_string(): -10, paid.to_string(): -90}));
+    assert_eq!(
+        spend.2,
+        json!({promo.to_string(): -10, paid.to_string(): -90})
+    );
     assert!(discrepancies(&app).await.is_empty());
 }
 
@@ -508,7 +576,10 @@ async fn fifty_concurrent_reserves_captures_releases_and_spends_keep_every_rule(
     let log: Vec<(&str, u16)> = outcomes.into_iter().flatten().collect();
     let spends = log.iter().filter(|e| *e == &("spend", 201)).count() as i32;
     let captures = log.iter().filter(|e| *e == &("capture", 200)).count() as i32;
-    assert!(log.iter().all(|(_, s)| [200, 201, 402].contains(s)), "{log:?}");
+    assert!(
+        log.iter().all(|(_, s)| [200, 201, 402].contains(s)),
+        "{log:?}"
+    );
     assert_eq!(app.balance(user.id).await, 60 - 3 * spends - 5 * captures);
     // One spend row per capture, each for its own hold.
     let rows: i64 = app
@@ -520,7 +591,11 @@ async fn fifty_concurrent_reserves_captures_releases_and_spends_keep_every_rule(
         .await;
     assert_eq!(rows, i64::from(captures));
     assert_eq!(
-        app.count("select count(*) from public.credit_holds where user_id = $1 and status = 'active'", user.id).await,
+        app.count(
+            "select count(*) from public.credit_holds where user_id = $1 and status = 'active'",
+            user.id
+        )
+        .await,
         0
     );
     assert!(discrepancies(&app).await.is_empty());
@@ -529,7 +604,9 @@ async fn fifty_concurrent_reserves_captures_releases_and_spends_keep_every_rule(
 /// The test database's URL, for the binary.
 fn database_url(connect: &PgConnectOptions) -> String {
     let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for the tests");
-    let (server, _) = base.rsplit_once('/').expect("DATABASE_URL names a database");
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("DATABASE_URL names a database");
     format!("{server}/{}", connect.get_database().unwrap())
 }
 
@@ -569,8 +646,14 @@ async fn verify_names_the_user_whose_lot_was_tampered(
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(!output.status.success(), "{report}");
-    assert!(report.contains(&format!("user {}", tampered.id)), "{report}");
-    assert!(report.contains("lots disagreeing with their draws 2"), "{report}");
+    assert!(
+        report.contains(&format!("user {}", tampered.id)),
+        "{report}"
+    );
+    assert!(
+        report.contains("lots disagreeing with their draws 2"),
+        "{report}"
+    );
     assert!(!report.contains(&honest.id.to_string()), "{report}");
 }
 
@@ -692,4 +775,39 @@ async fn a_database_from_before_lots_upgrades_with_every_balance_unchanged(
         .await
         .unwrap();
     assert_eq!(broken, 0);
+}
+
+#[sqlx::test]
+async fn the_daily_maintenance_writes_every_due_expiry_and_records_it(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect.clone()).await;
+    let mut users = Vec::new();
+    for _ in 0..3 {
+        let user = app.user().await;
+        lot(&app, user.id, "stripe", 10, None).await;
+        lot(&app, user.id, "ad_view", 4, Some("1 day")).await;
+        users.push(user);
+    }
+    let untouched = app.user().await;
+    lot(&app, untouched.id, "ad_view", 4, Some("3 days")).await;
+    set_clock(&app, "2 days").await;
+
+    let output = Command::new(env!("CARGO_BIN_EXE_amethyst-credits"))
+        .args(["maintenance", "daily"])
+        .env("DATABASE_URL", database_url(&connect))
+        .output()
+        .expect("the binary runs");
+    let run: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+        panic!("{}", String::from_utf8_lossy(&output.stderr));
+    });
+    assert_eq!(run["findings"]["expiry"]["users"], 3, "{run}");
+    assert_eq!(run["findings"]["expiry"]["credits"], 12, "{run}");
+    assert_eq!(run["findings"]["expiry"]["outcome"], "ok", "{run}");
+    assert_eq!(run["findings"]["ledger"]["discrepancies"], 0, "{run}");
+    for user in &users {
+        assert_eq!(app.balance(user.id).await, 10);
+    }
+    assert_eq!(app.balance(untouched.id).await, 4);
 }

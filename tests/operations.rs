@@ -445,7 +445,8 @@ async fn callers_past_their_rate_limit_get_429_with_retry_after(
 ) {
     let _ = pool;
     let mut config = test_config();
-    config.rate_limit_per_minute = 60;
+    // One token a minute: a slow machine cannot refill the bucket between these requests.
+    config.rate_limit_per_minute = 1;
     config.rate_limit_burst = 3;
     let app = TestApp::with_config(connect, config).await;
     let alice = app.user().await;

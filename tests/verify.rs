@@ -117,7 +117,7 @@ async fn verify_fails_when_a_table_loses_rls_or_a_function_is_exposed(
         .execute(&app.owner)
         .await
         .unwrap();
-    sqlx::query("grant execute on function public.add_credits(uuid, integer, text, text, text) to authenticated")
+    sqlx::query("grant execute on function public.add_credits(uuid, integer, text, text, text, timestamptz, uuid) to authenticated")
         .execute(&app.owner)
         .await
         .unwrap();
