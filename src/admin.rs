@@ -262,12 +262,21 @@ pub async fn adjust_credits(
             &owner,
             key.as_deref(),
             &hash,
-            request.amount,
-            reason.as_deref(),
-            request.expires_at,
+            Adjustment {
+                amount: request.amount,
+                reason: reason.as_deref(),
+                expires_at: request.expires_at,
+            },
         )
     })
     .await
+}
+
+/// A checked adjustment.
+struct Adjustment<'a> {
+    amount: i64,
+    reason: Option<&'a str>,
+    expires_at: Option<DateTime<Utc>>,
 }
 
 async fn adjust_once(
@@ -276,9 +285,11 @@ async fn adjust_once(
     owner: &str,
     key: Option<&str>,
     hash: &[u8],
-    amount: i64,
-    reason: Option<&str>,
-    expires_at: Option<DateTime<Utc>>,
+    Adjustment {
+        amount,
+        reason,
+        expires_at,
+    }: Adjustment<'_>,
 ) -> ApiResult<Response> {
     let mut work = match idempotency::try_processing(&state.pool, owner, key, hash).await? {
         Claim::Replay(answer) => return Ok(answer),
