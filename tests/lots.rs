@@ -811,3 +811,130 @@ async fn the_daily_maintenance_writes_every_due_expiry_and_records_it(
     }
     assert_eq!(app.balance(untouched.id).await, 4);
 }
+
+#[sqlx::test]
+async fn admins_set_a_sources_rules_and_give_credits_that_expire(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::client_ads(connect).await;
+    let admin = app.admin().await;
+    let user = app.user().await;
+
+    let sources = app
+        .get("/v1/admin/credit-sources", Some(&admin.token))
+        .await;
+    assert_eq!(sources.status, 200);
+    assert_eq!(
+        sources.body["items"][0],
+        json!({"source": "ad_view", "priority": 10, "expires_after_days": 30})
+    );
+    let by_user = app.get("/v1/admin/credit-sources", Some(&user.token)).await;
+    assert_eq!(by_user.status, 403);
+
+    let put = |path: &str, body: Value| {
+        app.send(common::request(
+            axum::http::Method::PUT,
+            path,
+            Some(&admin.token),
+            Some(body.to_string()),
+            &[],
+        ))
+    };
+    let changed = put(
+        "/v1/admin/credit-sources/ad_view",
+        json!({"priority": 5, "expires_after_days": 7}),
+    )
+    .await;
+    assert_eq!(changed.status, 200, "{:?}", changed.body);
+    assert_eq!(
+        changed.body,
+        json!({"source": "ad_view", "priority": 5, "expires_after_days": 7})
+    );
+    let unknown = put(
+        "/v1/admin/credit-sources/lottery",
+        json!({"priority": 5, "expires_after_days": null}),
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+    let bad = put(
+        "/v1/admin/credit-sources/admin",
+        json!({"priority": -1, "expires_after_days": 0}),
+    )
+    .await;
+    assert_eq!(bad.status, 422);
+    assert_eq!(bad.body["errors"].as_array().unwrap().len(), 2);
+
+    // An ad reward granted now follows the new rule.
+    let viewed = app
+        .post(
+            "/v1/ads/views",
+            Some(&user.token),
+            json!({"duration_seconds": 31}),
+        )
+        .await;
+    assert_eq!(viewed.status, 201, "{:?}", viewed.body);
+    let days: f64 = sqlx::query_scalar(
+        "select (extract(epoch from expires_at - created_at) / 86400)::float8 from public.credit_lots
+          where user_id = $1 and source = 'ad_view'",
+    )
+    .bind(user.id)
+    .fetch_one(&app.owner)
+    .await
+    .unwrap();
+    assert!((days - 7.0).abs() < 0.01, "{days}");
+    let priority: i32 = sqlx::query_scalar(
+        "select priority from public.credit_lots where user_id = $1 and source = 'ad_view'",
+    )
+    .bind(user.id)
+    .fetch_one(&app.owner)
+    .await
+    .unwrap();
+    assert_eq!(priority, 5);
+
+    // An admin gives credits with an expiry; a past expiry, or one on a debit, is refused.
+    let path = format!("/v1/admin/users/{}/credits", user.id);
+    let expires_at = (chrono::Utc::now() + chrono::Duration::days(3)).to_rfc3339();
+    let given = app
+        .post(
+            &path,
+            Some(&admin.token),
+            json!({"amount": 50, "reason": "Sorry", "expires_at": expires_at}),
+        )
+        .await;
+    assert_eq!(given.status, 201, "{:?}", given.body);
+    let past = app
+        .post(
+            &path,
+            Some(&admin.token),
+            json!({"amount": 5, "reason": "Late", "expires_at": "2020-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(past.status, 422, "{:?}", past.body);
+    assert_eq!(past.body["errors"][0]["field"], "expires_at");
+    let debit = app
+        .post(
+            &path,
+            Some(&admin.token),
+            json!({"amount": -5, "reason": "Oops", "expires_at": expires_at}),
+        )
+        .await;
+    assert_eq!(debit.status, 422);
+    assert_eq!(app.balance(user.id).await, 52);
+
+    let lots = app
+        .get(
+            &format!("/v1/admin/users/{}/lots", user.id),
+            Some(&admin.token),
+        )
+        .await;
+    assert_eq!(lots.status, 200);
+    let items = lots.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["source"], "admin");
+    assert_eq!(items[0]["amount"], 50);
+    assert!(items[0]["expires_at"].is_string());
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["balance"]["promotional"], 52);
+    assert_eq!(me.body["balance"]["expiring"].as_array().unwrap().len(), 2);
+}
