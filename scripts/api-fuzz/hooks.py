@@ -27,6 +27,7 @@ import schemathesis
 WEBHOOK_SECRET = os.environ.get("FUZZ_WEBHOOK_SECRET", "")
 ADMOB_KEY = os.environ.get("FUZZ_ADMOB_KEY", "")
 ADMOB_KEY_ID = os.environ.get("FUZZ_ADMOB_KEY_ID", "")
+USER_ID = os.environ.get("FUZZ_USER_ID", "")
 
 
 def percent_decoded(query):
@@ -59,6 +60,9 @@ def before_call(context, case, kwargs):
         return
     if case.headers and "Idempotency-Key" in case.headers:
         case.headers["Idempotency-Key"] = f"fuzz-{uuid.uuid4()}"
+    if case.operation.path == "/v1/holds" and isinstance(case.body, dict) and USER_ID:
+        # Holds are for the run's user: a random id only finds no profile.
+        case.body["user_id"] = USER_ID
     if isinstance(case.body, dict) and isinstance(case.body.get("stripe_price_id"), str):
         case.body["stripe_price_id"] = f"price_fuzz{uuid.uuid4().hex}"
     if (
