@@ -364,36 +364,35 @@ async fn in_transaction_mode_the_role_and_time_limit_hold_and_neither_stays_on_t
     database.migrate();
     let service = service_pool(&bouncer, &database, PoolMode::Transaction).await;
 
-    let (role, timeout): (String, String) =
-        sqlx::query_as("select current_user::text, current_setting('statement_timeout') where $1")
-            .bind(true)
-            .fetch_one(&service)
-            .await
-            .unwrap();
-    assert_eq!((role.as_str(), timeout.as_str()), ("service_role", "7s"));
+    // The simple query protocol throughout: no prepared statement, only the session state.
+    use sqlx::Row;
+    let row = sqlx::raw_sql("select current_user::text, current_setting('statement_timeout')")
+        .fetch_one(&service)
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<String, _>(0), row.get::<String, _>(1)),
+        ("service_role".to_owned(), "7s".to_owned())
+    );
     // A transaction of the service, as the keyed routes take.
     let mut tx = service.begin().await.unwrap();
-    let role: String = sqlx::query_scalar("select current_user::text where $1")
-        .bind(true)
+    let row = sqlx::raw_sql("select current_user::text")
         .fetch_one(&mut *tx)
         .await
         .unwrap();
-    assert_eq!(role, "service_role");
+    assert_eq!(row.get::<String, _>(0), "service_role");
     tx.commit().await.unwrap();
 
     // Another client of the pooler, on the same server connection, finds it as it was.
     let mut other = sqlx::PgConnection::connect(&bouncer.url_of(&database.url))
         .await
         .unwrap();
-    // The simple query protocol: nothing prepared, one message.
-    let found: Vec<sqlx::postgres::PgRow> =
-        sqlx::raw_sql("select current_user::text, current_setting('statement_timeout')")
-            .fetch_all(&mut other)
-            .await
-            .unwrap();
-    use sqlx::Row;
+    let found = sqlx::raw_sql("select current_user::text, current_setting('statement_timeout')")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
     assert_eq!(
-        (found[0].get::<String, _>(0), found[0].get::<String, _>(1)),
+        (found.get::<String, _>(0), found.get::<String, _>(1)),
         ("postgres".to_owned(), "0".to_owned()),
         "the role or the time limit of the service stayed on the server connection"
     );
