@@ -316,6 +316,13 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
     )
     .await?;
     if config.database_pool_mode == crate::config::PoolMode::Transaction {
+        if config.database_direct_url == config.database_url.expose() {
+            tracing::warn!(
+                "DATABASE_POOL_MODE=transaction without DATABASE_DIRECT_URL: migrations and \
+                 maintenance go through the pooler too, and their advisory locks need a session \
+                 of their own; set DATABASE_DIRECT_URL to a direct connection"
+            );
+        }
         tracing::info!(
             "DATABASE_POOL_MODE=transaction: every query runs in a transaction of its own, \
              begun with the role and the statement time limit; no prepared statement is kept"

@@ -5,9 +5,10 @@
 //! The service's queries go through [`ServicePool`], which works the same behind a
 //! transaction-mode pooler (`DATABASE_POOL_MODE=transaction`, README "Running several"): there a
 //! client connection's consecutive transactions may run on different server connections, so
-//! nothing is left on a connection between transactions. Every unit of work is a transaction
-//! of its own that begins by taking the role and the statement time limit (`set local`), and
-//! no prepared statement outlives its transaction.
+//! nothing is relied on between transactions. Every unit of work is a transaction of its own
+//! that begins by taking the role and the statement time limit (`set local`), and no prepared
+//! statement is used after its transaction (those left behind are deallocated when the next
+//! transaction begins on that server connection).
 
 use std::borrow::Cow;
 use std::str::FromStr;
@@ -37,8 +38,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Parses `DATABASE_URL` (or `DATABASE_DIRECT_URL`); the connections are named
 /// [`APPLICATION_NAME`] unless the URL says otherwise.
 pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
-    let options =
-        PgConnectOptions::from_str(url).context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    let options = PgConnectOptions::from_str(url)
+        .context("DATABASE_URL (or DATABASE_DIRECT_URL) is not a valid PostgreSQL URL")?;
     Ok(if options.get_application_name().is_none() {
         options.application_name(APPLICATION_NAME)
     } else {
