@@ -10,8 +10,8 @@
 //! statement is used after its transaction (those left behind are deallocated when the next
 //! transaction begins on that server connection).
 
-use std::borrow::Cow;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -193,8 +193,8 @@ fn pool_options(max_connections: u32, statement_timeout: Option<Duration>) -> Pg
 pub struct ServicePool {
     pool: PgPool,
     mode: PoolMode,
-    /// What begins a transaction in transaction mode.
-    begin: Cow<'static, str>,
+    /// What begins a transaction in transaction mode (shared: the pool is cloned per query).
+    begin: Arc<str>,
 }
 
 impl ServicePool {
@@ -207,7 +207,7 @@ impl ServicePool {
         ServicePool {
             pool,
             mode,
-            begin: Cow::Owned(begin),
+            begin: Arc::from(begin),
         }
     }
 
@@ -224,7 +224,7 @@ impl ServicePool {
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         match self.mode {
             PoolMode::Session => self.pool.begin().await,
-            PoolMode::Transaction => self.pool.begin_with(self.begin.clone()).await,
+            PoolMode::Transaction => self.pool.begin_with(self.begin.to_string()).await,
         }
     }
 
