@@ -19,7 +19,8 @@ ENV BIND_ADDR=0.0.0.0:8080 \
     LOG_FORMAT=json
 EXPOSE 8080
 USER nonroot:nonroot
-# `serve` finishes requests in flight on SIGTERM, then exits.
+# On SIGTERM `serve` answers /ready with 503 for SHUTDOWN_DRAIN_SECONDS, then finishes the
+# requests in flight and exits.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/amethyst-credits"]
 CMD ["serve"]

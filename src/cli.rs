@@ -119,14 +119,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { dev, no_migrate } => serve(config, dev, no_migrate).await,
         Command::Migrate => {
             telemetry::init_logging(config.log_format);
-            let options = db::connect_options(config.database_url.expose())?;
+            let options = db::connect_options(&config.database_direct_url)?;
             db::ensure_database(&options).await?;
             db::migrate(&options).await?;
             tracing::info!("migrations are current");
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify => {
-            let options = db::connect_options(config.database_url.expose())?;
+            let options = db::connect_options(&config.database_direct_url)?;
             let mut conn = sqlx::PgConnection::connect_with(&options)
                 .await
                 .context("could not connect to the database")?;
@@ -145,7 +145,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pause_seconds,
         } => {
             telemetry::init_logging(config.log_format);
-            let options = db::connect_options(config.database_url.expose())?;
+            // Its advisory locks and its long batches need a session of their own.
+            let options = db::connect_options(&config.database_direct_url)?;
             let mut conn = sqlx::PgConnection::connect_with(&options)
                 .await
                 .context("could not connect to the database")?;
@@ -220,10 +221,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// The shared state on a small pool, for the verbs that reach Stripe.
 async fn connect_state(config: Config) -> anyhow::Result<AppState> {
     let options = db::connect_options(config.database_url.expose())?;
-    let pool = db::connect(
+    let pool = db::connect_in_mode(
         options,
         config.database_max_connections.min(4),
         config.database_statement_timeout,
+        config.database_pool_mode,
     )
     .await
     .context("could not connect to the database")?;
@@ -300,17 +302,32 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
         tracing::debug!(?config, "configuration");
     }
 
-    let options = db::connect_options(config.database_url.expose())?;
-    db::ensure_database(&options).await?;
+    // Creating the database and migrating need a session of their own: the direct URL.
+    let direct = db::connect_options(&config.database_direct_url)?;
+    db::ensure_database(&direct).await?;
     if !no_migrate {
-        db::migrate(&options).await?;
+        db::migrate(&direct).await?;
     }
-    let pool = db::connect(
-        options,
+    let pool = db::connect_in_mode(
+        db::connect_options(config.database_url.expose())?,
         config.database_max_connections,
         config.database_statement_timeout,
+        config.database_pool_mode,
     )
     .await?;
+    if config.database_pool_mode == crate::config::PoolMode::Transaction {
+        if config.database_direct_url == config.database_url.expose() {
+            tracing::warn!(
+                "DATABASE_POOL_MODE=transaction without DATABASE_DIRECT_URL: migrations and \
+                 maintenance go through the pooler too, and their advisory locks need a session \
+                 of their own; set DATABASE_DIRECT_URL to a direct connection"
+            );
+        }
+        tracing::info!(
+            "DATABASE_POOL_MODE=transaction: every query runs in a transaction of its own, \
+             begun with the role and the statement time limit; no prepared statement is kept"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(config.bind_addr)
         .await
         .with_context(|| format!("could not listen on {} (BIND_ADDR)", config.bind_addr))?;
@@ -328,6 +345,7 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
     // The maintenance gauges come from the recorded runs (pg_cron's too); refreshed here so
     // that a scrape never queries the database.
     let gauges = state.pool.clone();
+    let draining = state.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -349,13 +367,25 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
 
     let address = listener.local_addr()?;
     tracing::info!(%address, "listening");
+    let drain = draining.config.shutdown_drain;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
-        shutdown_signal().await;
+        // The shutdown sequence (README, "Running several"): on SIGTERM, /ready answers 503
+        // while every request is still served, for SHUTDOWN_DRAIN_SECONDS, so that a load
+        // balancer stops sending new ones; then no new connection is accepted and the requests
+        // in flight finish (30 s at most). Ctrl-C skips the wait.
+        if shutdown_signal().await == Signal::Terminate && !drain.is_zero() {
+            draining.start_draining();
+            tracing::info!(
+                seconds = drain.as_secs_f64(),
+                "draining: /ready answers 503, requests are still served"
+            );
+            tokio::time::sleep(drain).await;
+        }
         tracing::info!("shutting down: finishing requests in flight");
         let _ = stop_tx.send(true);
     });
@@ -373,7 +403,13 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+async fn shutdown_signal() -> Signal {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -389,8 +425,8 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
+        _ = ctrl_c => Signal::Interrupt,
+        _ = terminate => Signal::Terminate,
     }
 }
 

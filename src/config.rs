@@ -31,6 +31,18 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// `DATABASE_POOL_MODE`: what `DATABASE_URL` reaches (README, "Running several").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// PostgreSQL itself, or a pooler that gives each client connection a server connection of
+    /// its own: session settings and prepared statements last as long as the connection.
+    Session,
+    /// A transaction-mode pooler (PgBouncer's `pool_mode = transaction`, Supabase's pooler on
+    /// port 6543): consecutive transactions of one client connection may run on different
+    /// server connections, so nothing may outlive a transaction.
+    Transaction,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
@@ -93,6 +105,12 @@ pub struct MetricsConfig {
 pub struct Config {
     /// May hold a password: printed only on purpose.
     pub database_url: Secret,
+    /// `DATABASE_DIRECT_URL`: a direct connection (no transaction-mode pooler) for what needs a
+    /// session of its own: migrations, maintenance's advisory locks, listening. Defaults to
+    /// `DATABASE_URL`.
+    pub database_direct_url: String,
+    /// `DATABASE_POOL_MODE`: `session` (the default) or `transaction`.
+    pub database_pool_mode: PoolMode,
     pub database_max_connections: u32,
     /// `DATABASE_STATEMENT_TIMEOUT_SECONDS`: the longest a statement of the service may run;
     /// zero for no limit.
@@ -109,6 +127,9 @@ pub struct Config {
     /// Peers whose `X-Forwarded-For` names the client (README, "Configuration").
     pub trusted_proxies: Vec<Cidr>,
     pub request_timeout: Duration,
+    /// `SHUTDOWN_DRAIN_SECONDS`: how long `/ready` answers 503 after SIGTERM while requests are
+    /// still served, before the server stops accepting them.
+    pub shutdown_drain: Duration,
     pub metrics: MetricsConfig,
     /// How rewarded ads are verified (docs/api.md, "Rewarded ads").
     pub ads: AdsConfig,
@@ -277,6 +298,18 @@ impl Config {
 
         let database_url =
             Secret::new(get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()));
+        let database_direct_url =
+            get("DATABASE_DIRECT_URL").unwrap_or_else(|| database_url.expose().to_owned());
+        let database_pool_mode = match get("DATABASE_POOL_MODE").as_deref() {
+            None | Some("session") => PoolMode::Session,
+            Some("transaction") => PoolMode::Transaction,
+            Some(_) => {
+                return Err(invalid(
+                    "DATABASE_POOL_MODE",
+                    "expected session or transaction",
+                ));
+            }
+        };
         let database_max_connections = parse_number(
             "DATABASE_MAX_CONNECTIONS",
             get("DATABASE_MAX_CONNECTIONS"),
@@ -391,6 +424,11 @@ impl Config {
             get("REQUEST_TIMEOUT_SECONDS"),
             30,
         )?);
+        let shutdown_drain = Duration::from_secs(parse_number(
+            "SHUTDOWN_DRAIN_SECONDS",
+            get("SHUTDOWN_DRAIN_SECONDS"),
+            5,
+        )?);
 
         let metrics = MetricsConfig {
             bind_addr: get("METRICS_BIND_ADDR")
@@ -456,6 +494,8 @@ impl Config {
 
         Ok(Config {
             database_url,
+            database_direct_url,
+            database_pool_mode,
             database_max_connections,
             database_statement_timeout,
             bind_addr,
@@ -480,6 +520,7 @@ impl Config {
             rate_limit_burst,
             trusted_proxies,
             request_timeout,
+            shutdown_drain,
             metrics,
             ads: AdsConfig {
                 verification,
@@ -613,6 +654,23 @@ mod tests {
         assert!(!c.ads.allows_ad_unit(Some("333")) && !c.ads.allows_ad_unit(None));
         let err = config(&[("ADS_VERIFICATION", "trust-me")]).unwrap_err();
         assert_eq!(err.variable, "ADS_VERIFICATION");
+    }
+
+    #[test]
+    fn the_pool_mode_is_session_and_the_direct_url_the_database_url_unless_configured() {
+        let c = config(&[("DATABASE_URL", "postgres://u@pooler:6543/app")]).unwrap();
+        assert_eq!(c.database_pool_mode, PoolMode::Session);
+        assert_eq!(c.database_direct_url, "postgres://u@pooler:6543/app");
+        let c = config(&[
+            ("DATABASE_URL", "postgres://u@pooler:6543/app"),
+            ("DATABASE_DIRECT_URL", "postgres://u@db:5432/app"),
+            ("DATABASE_POOL_MODE", "transaction"),
+        ])
+        .unwrap();
+        assert_eq!(c.database_pool_mode, PoolMode::Transaction);
+        assert_eq!(c.database_direct_url, "postgres://u@db:5432/app");
+        let err = config(&[("DATABASE_POOL_MODE", "statement")]).unwrap_err();
+        assert_eq!(err.variable, "DATABASE_POOL_MODE");
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub struct Transaction {
 /// A page of `user_id`'s history, newest first, read as `service_role` (admin routes). Keyset
 /// pagination on the ledger order: the (user_id, seq) index serves every page at the same cost.
 pub async fn history(
-    pool: &sqlx::PgPool,
+    pool: &crate::db::ServicePool,
     user_id: Uuid,
     page: &Page<i64>,
 ) -> ApiResult<List<Transaction>> {

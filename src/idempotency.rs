@@ -20,8 +20,10 @@ use axum::response::Response;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, Postgres, Transaction};
 
+use crate::config::PoolMode;
+use crate::db::ServicePool;
 use crate::error::{ApiError, ApiResult};
 use crate::limits;
 
@@ -105,7 +107,9 @@ pub enum Claim<T> {
 
 /// A request whose work runs in the database. With a key, the claim and the work share one
 /// transaction, which [`Processing::save`] commits with the answer; dropping it (the work
-/// failed) rolls both back, so a retry with the key runs afresh.
+/// failed) rolls both back, so a retry with the key runs afresh. Without a key the work runs
+/// on a connection of its own, in a transaction that `save` commits when the pool is in
+/// transaction mode (where nothing may run outside one).
 pub struct Processing {
     conn: Conn,
     record: Option<(String, String)>,
@@ -128,9 +132,13 @@ impl Processing {
     /// Stores the answer under the key and commits the work with it.
     pub async fn save(self, status: StatusCode, body: &impl Serialize) -> ApiResult<Response> {
         let stored = Stored::json(status, body)?;
-        if let (Conn::Claimed(mut tx), Some((owner, key))) = (self.conn, self.record) {
-            store(&mut *tx, &owner, &key, &stored).await?;
-            tx.commit().await?;
+        match (self.conn, self.record) {
+            (Conn::Claimed(mut tx), Some((owner, key))) => {
+                store(&mut *tx, &owner, &key, &stored).await?;
+                tx.commit().await?;
+            }
+            (Conn::Claimed(tx), None) => tx.commit().await?,
+            (Conn::Plain(_), _) => {}
         }
         Ok(stored.into_response(false))
     }
@@ -138,16 +146,17 @@ impl Processing {
 
 /// Starts a request whose work runs in the database; see [`Processing`].
 pub async fn try_processing(
-    pool: &PgPool,
+    pool: &ServicePool,
     owner: &str,
     key: Option<&str>,
     request_hash: &[u8],
 ) -> ApiResult<Claim<Processing>> {
     let Some(key) = key else {
-        return Ok(Claim::Start(Processing {
-            conn: Conn::Plain(pool.acquire().await?),
-            record: None,
-        }));
+        let conn = match pool.mode() {
+            PoolMode::Session => Conn::Plain(pool.inner().acquire().await?),
+            PoolMode::Transaction => Conn::Claimed(pool.begin().await?),
+        };
+        return Ok(Claim::Start(Processing { conn, record: None }));
     };
     let mut tx = pool.begin().await?;
     if claim(&mut *tx, owner, key, request_hash).await? {
@@ -172,7 +181,7 @@ pub async fn try_processing(
 /// while it runs. The key is claimed in a short transaction of its own; [`Reservation::save`]
 /// stores the answer, [`Reservation::release`] frees the key after a failure.
 pub struct Reservation {
-    pool: PgPool,
+    pool: ServicePool,
     record: Option<(String, String)>,
 }
 
@@ -205,7 +214,7 @@ impl Reservation {
 /// same key polls until the answer is stored (or the claim is released by a failure, or
 /// abandoned by a crashed process for over a minute, when it claims the key itself).
 pub async fn try_reserving(
-    pool: &PgPool,
+    pool: &ServicePool,
     owner: &str,
     key: Option<&str>,
     request_hash: &[u8],
@@ -303,7 +312,12 @@ struct Record {
 }
 
 /// What is stored under (owner, key); a different request under the key is refused.
-async fn lookup(pool: &PgPool, owner: &str, key: &str, request_hash: &[u8]) -> ApiResult<Lookup> {
+async fn lookup(
+    pool: &ServicePool,
+    owner: &str,
+    key: &str,
+    request_hash: &[u8],
+) -> ApiResult<Lookup> {
     let record = sqlx::query_as!(
         Record,
         "select request_hash, status_code, response_body

@@ -206,7 +206,7 @@ pub struct LastRun {
 }
 
 /// The latest run of each task, from the CLI and pg_cron alike.
-pub async fn last_runs(pool: &sqlx::PgPool) -> Result<Vec<LastRun>, sqlx::Error> {
+pub async fn last_runs(pool: &crate::db::ServicePool) -> Result<Vec<LastRun>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"select distinct on (task) task, outcome,
                   extract(epoch from coalesce(finished_at, started_at))::float8 as "at!"

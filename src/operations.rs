@@ -43,7 +43,9 @@ pub async fn health() -> Json<Status> {
     Json(Status { status: "ok" })
 }
 
-/// Readiness: the database answers and every migration is applied.
+/// Readiness: the database answers, every migration is applied, the process is not stopping.
+///
+/// After SIGTERM it answers 503 `draining` while requests are still served.
 #[utoipa::path(
     get,
     path = "/ready",
@@ -51,6 +53,13 @@ pub async fn health() -> Json<Status> {
     responses((status = 200, body = Status), (status = 503, body = Status))
 )]
 pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.is_draining() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Status { status: "draining" }),
+        )
+            .into_response();
+    }
     let status = match tokio::time::timeout(Duration::from_secs(2), readiness(&state.pool)).await {
         Ok(Ok(true)) => return Json(Status { status: "ok" }).into_response(),
         Ok(Ok(false)) => "migrations pending",
@@ -63,7 +72,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 /// pooled connection that died with a restart of PostgreSQL fails once and is dropped, and
 /// says nothing of the database now, which the next connection (a new one, if need be) asks.
 /// The caller's time limit ends the loop while the database is really down.
-async fn readiness(pool: &sqlx::PgPool) -> Result<bool, sqlx::Error> {
+async fn readiness(pool: &db::ServicePool) -> Result<bool, sqlx::Error> {
     loop {
         match db::migrations_current(pool).await {
             Err(err) if database_fault(&err).is_some() => {
@@ -106,13 +115,14 @@ async fn scrape(State(state): State<AppState>, headers: axum::http::HeaderMap) -
             return ApiError::InvalidToken("this scrape needs METRICS_TOKEN").into_response();
         }
     }
-    let size = state.pool.size();
-    let idle = state.pool.num_idle() as u32;
+    let size = state.pool.inner().size();
+    let idle = state.pool.inner().num_idle() as u32;
     metrics::gauge!("db_pool_connections", "state" => "idle").set(f64::from(idle));
     metrics::gauge!("db_pool_connections", "state" => "in_use")
         .set(f64::from(size.saturating_sub(idle)));
-    metrics::gauge!("db_pool_max_connections")
-        .set(f64::from(state.pool.options().get_max_connections()));
+    metrics::gauge!("db_pool_max_connections").set(f64::from(
+        state.pool.inner().options().get_max_connections(),
+    ));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -126,7 +136,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Sets the maintenance gauges from the recorded runs (pg_cron's as well as the CLI's): one
 /// query for every task. `serve` calls it every minute.
-pub async fn refresh_maintenance_gauges(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+pub async fn refresh_maintenance_gauges(pool: &db::ServicePool) -> Result<(), sqlx::Error> {
     for run in maintenance::last_runs(pool).await? {
         metrics::gauge!("maintenance_last_run_timestamp_seconds", "task" => run.task.clone())
             .set(run.at);

@@ -139,7 +139,7 @@ impl From<ProfileRow> for Profile {
 }
 
 /// The profile of `id`, read as `service_role` (admin routes).
-pub async fn fetch(pool: &sqlx::PgPool, id: Uuid) -> ApiResult<Option<Profile>> {
+pub async fn fetch(pool: &crate::db::ServicePool, id: Uuid) -> ApiResult<Option<Profile>> {
     let row = sqlx::query_as!(
         ProfileRow,
         r#"select p.id, p.email, p.display_name, p.avatar_url, b.credits as "credits!", p.is_admin,

@@ -3,11 +3,14 @@
 //! knows none of them; the router above hands it to each.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::FromRef;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
+
+use crate::db::ServicePool;
 
 use crate::admob_keys::AdmobKeys;
 use crate::auth::TokenVerifier;
@@ -23,7 +26,8 @@ pub struct AppState(Arc<Shared>);
 
 /// The contents of [`AppState`], reached through `Deref`.
 pub struct Shared {
-    pub pool: PgPool,
+    /// Every query of the service goes through it (`DATABASE_POOL_MODE` decides how).
+    pub pool: ServicePool,
     pub config: Config,
     pub verifier: Arc<TokenVerifier>,
     pub rate_limiter: Arc<RateLimiter>,
@@ -32,6 +36,8 @@ pub struct Shared {
     /// Google's verifier keys for AdMob's reward callbacks, fetched on the first callback.
     pub admob_keys: AdmobKeys,
     pub metrics: PrometheusHandle,
+    /// Set on SIGTERM: `/ready` answers 503 while the requests still arriving are served.
+    draining: AtomicBool,
 }
 
 impl std::ops::Deref for AppState {
@@ -43,8 +49,14 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    /// `pool` should come from [`crate::db::connect`], whose connections act as `service_role`.
+    /// `pool` should come from [`crate::db::connect_in_mode`] with `config.database_pool_mode`
+    /// (or [`crate::db::connect`] in session mode), whose connections act as `service_role`.
     pub fn new(config: Config, pool: PgPool) -> Self {
+        let pool = ServicePool::new(
+            pool,
+            config.database_pool_mode,
+            config.database_statement_timeout,
+        );
         install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -70,13 +82,24 @@ impl AppState {
             config,
             pool,
             metrics: telemetry::metrics_handle(),
+            draining: AtomicBool::new(false),
         }))
+    }
+
+    /// The process is stopping: readiness fails from now on, so that load balancers send
+    /// nothing new.
+    pub fn start_draining(&self) {
+        self.0.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::Relaxed)
     }
 }
 
 /// Extractors that only need the pool (the admin check) take it from any state that has one.
-impl FromRef<AppState> for PgPool {
-    fn from_ref(state: &AppState) -> PgPool {
+impl FromRef<AppState> for ServicePool {
+    fn from_ref(state: &AppState) -> ServicePool {
         state.pool.clone()
     }
 }

@@ -327,7 +327,7 @@ async fn metrics_token_must_come_as_the_bearer_token(
 }
 
 #[tokio::test]
-async fn a_scrape_never_asks_the_database_for_anything() {
+async fn a_scrape_and_liveness_never_ask_the_database_for_anything() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -365,12 +365,14 @@ async fn a_scrape_never_asks_the_database_for_anything() {
 
     for _ in 0..20 {
         assert_eq!(get("/metrics").await, 200);
+        // Liveness never touches the database either.
+        assert_eq!(get("/health").await, 200);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         connections.load(Ordering::SeqCst),
         0,
-        "a scrape connected to the database"
+        "a scrape or a liveness probe connected to the database"
     );
 
     // The counter sees a route that does ask: readiness.

@@ -8,6 +8,7 @@ pub mod jwks;
 
 use std::sync::Arc;
 
+use crate::db::ServicePool;
 use axum::extract::{FromRef, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
@@ -15,7 +16,6 @@ use axum::middleware::Next;
 use axum::response::Response;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::config::JwtConfig;
@@ -312,7 +312,7 @@ impl AdminCaller {
 impl<S> FromRequestParts<S> for AdminCaller
 where
     S: Send + Sync,
-    PgPool: FromRef<S>,
+    ServicePool: FromRef<S>,
 {
     type Rejection = ApiError;
 
@@ -324,7 +324,7 @@ where
                 // Admin status is read fresh: revoking it takes effect at once.
                 let is_admin =
                     sqlx::query_scalar!("select is_admin from public.profiles where id = $1", id)
-                        .fetch_optional(&PgPool::from_ref(state))
+                        .fetch_optional(&ServicePool::from_ref(state))
                         .await?;
                 if is_admin == Some(true) {
                     Ok(AdminCaller::Admin(id))

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::PgPool;
 
 use super::webhook::{self, Delivery};
+use crate::db::ServicePool;
 use crate::state::AppState;
 use crate::stripe_api::{StripeApiError, StripeClient};
 
@@ -30,7 +30,7 @@ pub const DEFAULT_WINDOW: Duration = Duration::from_secs(72 * 3600);
 /// What a reconciliation needs: the pool its transactions run on, and Stripe.
 #[derive(Clone, Copy)]
 pub struct Reconciler<'a> {
-    pub pool: &'a PgPool,
+    pub pool: &'a ServicePool,
     pub stripe: &'a StripeClient,
 }
 

@@ -33,6 +33,8 @@ pub struct Database {
     pub url: String,
     admin_url: String,
     name: String,
+    /// Dropped with this value (false for another name of a database someone else owns).
+    owned: bool,
 }
 
 impl Database {
@@ -50,6 +52,19 @@ impl Database {
             url: format!("{server}/{name}"),
             admin_url: format!("{server}/postgres"),
             name,
+            owned: true,
+        }
+    }
+
+    /// `url`, a database this value does not own (the same database through a pooler, for
+    /// one replica among several): left alone when dropped.
+    pub fn attached(url: &str) -> Database {
+        let (server, name) = url.rsplit_once('/').expect("the URL names a database");
+        Database {
+            url: url.to_owned(),
+            admin_url: format!("{server}/postgres"),
+            name: name.to_owned(),
+            owned: false,
         }
     }
 
@@ -86,6 +101,9 @@ impl Database {
 
 impl Drop for Database {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let admin_url = self.admin_url.clone();
         let name = self.name.clone();
         // Drop runs inside the test's runtime, which cannot be blocked on: a thread of its own.
@@ -210,6 +228,15 @@ impl Binary {
             .await
             .expect("credits granted");
         owner.close().await;
+    }
+
+    /// Sends SIGTERM, as an orchestrator stopping the process does.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM failed");
     }
 
     /// A request to the API.

@@ -47,7 +47,7 @@ fn pg_bin(program: &str) -> String {
     format!("/usr/lib/postgresql/{}/bin/{program}", pg_major())
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

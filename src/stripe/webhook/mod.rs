@@ -32,12 +32,12 @@ use chrono::Utc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::{Acquire, PgConnection, PgPool};
+use sqlx::{Acquire, PgConnection};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::signature::{self, SignatureError};
-use crate::db;
+use crate::db::{self, ServicePool};
 use crate::error::{ApiError, ApiResult, DatabaseFault, Problem, database_fault};
 use crate::extract::whole_numbers_as_integers;
 use crate::limits;
@@ -158,7 +158,7 @@ impl Delivery {
 /// An `Err` means nothing was recorded: the payload is not a Stripe event (422 for a webhook),
 /// or the database could not be used.
 pub async fn deliver(
-    pool: &PgPool,
+    pool: &ServicePool,
     stripe: Option<&StripeClient>,
     payload: Value,
 ) -> Result<(StripeEvent, Delivery), ApiError> {
@@ -225,7 +225,7 @@ pub async fn deliver(
 
 /// Claims the event, hands it to its handler and records the outcome, in one transaction.
 async fn claim_and_handle(
-    pool: &PgPool,
+    pool: &ServicePool,
     event: &StripeEvent,
     payload: &Value,
     wrong_mode: Option<&str>,
