@@ -814,7 +814,7 @@ async fn the_daily_maintenance_writes_every_due_expiry_and_records_it(
 
 #[sqlx::test]
 async fn admins_set_a_sources_rules_and_give_credits_that_expire(
-    pool: PgPoolOptions,
+    _pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
     let app = TestApp::client_ads(connect).await;
