@@ -88,7 +88,7 @@ pub async fn search_users(
                   a.views_today as "views_today!", a.daily_limit as "daily_limit!",
                   a.views_remaining as "views_remaining!", a.resets_at as "resets_at!",
                   p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
-                  p.created_at, p.updated_at
+                  p.low_balance_threshold, p.created_at, p.updated_at
              from public.profiles p
             cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
             where ($1::text is null or lower(p.email) like $1 escape '\')
