@@ -322,7 +322,12 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
         ),
         None => None,
     };
+    let direct = db::connect_options(config.database_direct_url.expose())
+        .context("DATABASE_DIRECT_URL is not a valid PostgreSQL URL")?;
     let state = AppState::new(config, pool);
+    // One listening connection for the whole process, fanned out to the live streams.
+    state.notifications.start(direct);
+    let notifications = state.notifications.clone();
     let prefetching = state.clone();
     tokio::spawn(async move { prefetching.verifier.prefetch().await });
     // The maintenance gauges come from the recorded runs (pg_cron's too); refreshed here so
@@ -357,6 +362,9 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
     .with_graceful_shutdown(async move {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing requests in flight");
+        // Event streams never finish by themselves: they end now, and their clients reconnect
+        // (to another instance) with Last-Event-ID.
+        notifications.close();
         let _ = stop_tx.send(true);
     });
     tokio::select! {

@@ -93,6 +93,9 @@ pub struct MetricsConfig {
 pub struct Config {
     /// May hold a password: printed only on purpose.
     pub database_url: Secret,
+    /// `DATABASE_DIRECT_URL`: a direct connection (not through a pooler) for migrations,
+    /// maintenance and listening for notifications; `DATABASE_URL` when unset.
+    pub database_direct_url: Secret,
     pub database_max_connections: u32,
     /// `DATABASE_STATEMENT_TIMEOUT_SECONDS`: the longest a statement of the service may run;
     /// zero for no limit.
@@ -112,6 +115,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// How rewarded ads are verified (docs/api.md, "Rewarded ads").
     pub ads: AdsConfig,
+    /// `LOW_BALANCE_THRESHOLD`: the balance under which the live stream sends `low_balance`,
+    /// for users who set none of their own; 0 turns the alerts off.
+    pub low_balance_threshold: i32,
     /// `serve --dev`: the well-known local secret is in use.
     pub dev: bool,
 }
@@ -277,6 +283,9 @@ impl Config {
 
         let database_url =
             Secret::new(get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()));
+        let database_direct_url = get("DATABASE_DIRECT_URL")
+            .map(Secret::new)
+            .unwrap_or_else(|| database_url.clone());
         let database_max_connections = parse_number(
             "DATABASE_MAX_CONNECTIONS",
             get("DATABASE_MAX_CONNECTIONS"),
@@ -454,8 +463,18 @@ impl Config {
             return Err(invalid("ADMOB_SSV_MAX_AGE_SECONDS", "must be at least 1"));
         }
 
+        let low_balance_threshold: i32 =
+            parse_number("LOW_BALANCE_THRESHOLD", get("LOW_BALANCE_THRESHOLD"), 5)?;
+        if !(0..=1_000_000).contains(&low_balance_threshold) {
+            return Err(invalid(
+                "LOW_BALANCE_THRESHOLD",
+                "must be from 0 to 1000000",
+            ));
+        }
+
         Ok(Config {
             database_url,
+            database_direct_url,
             database_max_connections,
             database_statement_timeout,
             bind_addr,
@@ -490,6 +509,7 @@ impl Config {
                 admob_ad_units,
                 ssv_max_age_seconds,
             },
+            low_balance_threshold,
             dev: false,
         })
     }
@@ -623,6 +643,27 @@ mod tests {
         assert_eq!(set.database_statement_timeout, Duration::from_secs(3));
         let err = config(&[("DATABASE_STATEMENT_TIMEOUT_SECONDS", "2.5")]).unwrap_err();
         assert_eq!(err.variable, "DATABASE_STATEMENT_TIMEOUT_SECONDS");
+    }
+
+    #[test]
+    fn the_direct_url_is_the_database_url_unless_configured() {
+        let c = config(&[("DATABASE_URL", "postgres://pooler:6543/app")]).unwrap();
+        assert_eq!(c.database_direct_url.expose(), "postgres://pooler:6543/app");
+        let c = config(&[
+            ("DATABASE_URL", "postgres://pooler:6543/app"),
+            ("DATABASE_DIRECT_URL", "postgres://db:5432/app"),
+        ])
+        .unwrap();
+        assert_eq!(c.database_direct_url.expose(), "postgres://db:5432/app");
+    }
+
+    #[test]
+    fn the_low_balance_threshold_is_five_unless_configured() {
+        assert_eq!(config(&[]).unwrap().low_balance_threshold, 5);
+        let c = config(&[("LOW_BALANCE_THRESHOLD", "0")]).unwrap();
+        assert_eq!(c.low_balance_threshold, 0);
+        let err = config(&[("LOW_BALANCE_THRESHOLD", "-1")]).unwrap_err();
+        assert_eq!(err.variable, "LOW_BALANCE_THRESHOLD");
     }
 
     #[test]

@@ -21,8 +21,8 @@ use crate::error::ApiError;
 use crate::extract::BODY_LIMIT_BYTES;
 use crate::state::AppState;
 use crate::{
-    admin, ads, auth, credits, images, maintenance, openapi, operations, packs, profiles,
-    rate_limit, stripe, telemetry,
+    admin, ads, auth, credits, images, live_balance, maintenance, openapi, operations, packs,
+    profiles, rate_limit, stripe, telemetry,
 };
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -39,6 +39,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(images::router())
         .merge(maintenance::router())
         .merge(operations::router())
+        .merge(live_balance::router())
         .split_for_parts();
     (api_router, api)
 }

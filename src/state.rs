@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use crate::admob_keys::AdmobKeys;
 use crate::auth::TokenVerifier;
 use crate::config::Config;
+use crate::notifications::Notifications;
 use crate::rate_limit::RateLimiter;
 use crate::stripe_api::StripeClient;
 use crate::telemetry;
@@ -32,6 +33,9 @@ pub struct Shared {
     /// Google's verifier keys for AdMob's reward callbacks, fetched on the first callback.
     pub admob_keys: AdmobKeys,
     pub metrics: PrometheusHandle,
+    /// The ledger's notifications, fanned out to the live streams; listening starts with
+    /// [`Notifications::start`] (the server does it, on `DATABASE_DIRECT_URL`).
+    pub notifications: Notifications,
 }
 
 impl std::ops::Deref for AppState {
@@ -70,6 +74,7 @@ impl AppState {
             config,
             pool,
             metrics: telemetry::metrics_handle(),
+            notifications: Notifications::new(),
         }))
     }
 }
