@@ -211,9 +211,14 @@ async fn users_set_and_clear_their_low_balance_threshold(
 
     let off = app.send(patch(json!({"low_balance_threshold": 0}))).await;
     assert_eq!(off.body["low_balance_threshold"], 0);
-    let default = app.send(patch(json!({"low_balance_threshold": null}))).await;
+    let default = app
+        .send(patch(json!({"low_balance_threshold": null})))
+        .await;
     assert_eq!(default.status, 200);
-    assert_eq!(default.body["low_balance_threshold"], serde_json::Value::Null);
+    assert_eq!(
+        default.body["low_balance_threshold"],
+        serde_json::Value::Null
+    );
 
     for bad in [json!(-1), json!(1_000_001), json!(2.5), json!("5")] {
         let refused = app.send(patch(json!({"low_balance_threshold": bad}))).await;
