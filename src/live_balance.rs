@@ -288,7 +288,9 @@ impl LiveStream {
         let mut failures: u32 = 0;
         // Read, send, then wait to be woken (or to retry a failed read).
         loop {
-            let retry_at = match self.read().await {
+            // Boxed: the query's future is large and lives only while reading, so an idle
+            // stream's task stays small (the benchmark holds 10,000 of them).
+            let retry_at = match Box::pin(self.read()).await {
                 Ok(rows) => {
                     failures = 0;
                     let more = rows.len() as i64 >= i64::from(BATCH_ROWS);
