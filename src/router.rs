@@ -143,6 +143,8 @@ fn cors(config: &Config) -> CorsLayer {
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             HeaderName::from_static("idempotency-key"),
+            // Sent by event stream clients when they resume (a fetch-based one asks first).
+            HeaderName::from_static("last-event-id"),
             HeaderName::from_static("x-client-info"),
             HeaderName::from_static("apikey"),
         ])

@@ -518,7 +518,9 @@ async fn token_expired_comes_last_when_the_token_expires(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_change_through_one_process_reaches_a_stream_on_another() {
     let first = Binary::serve(&[]).await;
-    let second = Binary::serve_on(first.database.shared(), &[]).await;
+    // The request time limit bounds how long an answer takes to start, not a stream's life.
+    let second =
+        Binary::serve_on(first.database.shared(), &[("REQUEST_TIMEOUT_SECONDS", "1")]).await;
     let user = first.user().await;
     first.grant(user.id, 10).await;
 
@@ -531,6 +533,8 @@ async fn a_change_through_one_process_reaches_a_stream_on_another() {
     assert_eq!(response.status(), 200);
     let mut stream = EventStream::from_http(response);
     assert_eq!(stream.next().await.unwrap().data["credits"], 10);
+    // Past the second server's request time limit (the one wait of this file).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
 
     let spent = first
         .request(reqwest::Method::POST, "/v1/credits/spend")
@@ -625,4 +629,35 @@ async fn open_streams_end_when_the_server_shuts_down() {
         assert!(stream.next().await.is_none(), "the stream ends");
     }
     assert!(stopping.await.unwrap(), "the server stopped cleanly");
+}
+
+#[sqlx::test]
+async fn browsers_of_allowed_origins_may_resume_with_last_event_id(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let mut config = test_config();
+    config.cors_allowed_origins = vec!["https://app.amethyst.ai".to_owned()];
+    let app = live_app(connect, config).await;
+    let preflight = app
+        .send(
+            Request::builder()
+                .method(Method::OPTIONS)
+                .uri("/v1/me/events")
+                .header("origin", "https://app.amethyst.ai")
+                .header("access-control-request-method", "GET")
+                .header(
+                    "access-control-request-headers",
+                    "authorization,last-event-id",
+                )
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await;
+    let allowed = preflight.headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(allowed.contains("last-event-id"), "{allowed}");
 }
