@@ -68,6 +68,8 @@ class Streams:
         self.port = port
         self.waiters: dict[str, asyncio.Future] = {}
         self.opened = 0
+        # Users whose stream is open: the spends pick among them.
+        self.connected: list[str] = []
         self.failed = 0
 
     async def open(self, user: str, ready: asyncio.Semaphore) -> None:
@@ -91,6 +93,7 @@ class Streams:
                     print(f"a stream failed to open: {err}", file=sys.stderr)
                 return
             self.opened += 1
+            self.connected.append(user)
         while True:
             event = await self.event(reader)
             if event is None:
@@ -185,7 +188,7 @@ async def main() -> None:
         reset_peak(server.pid)
 
         streams = Streams(port)
-        ready = asyncio.Semaphore(256)
+        ready = asyncio.Semaphore(64)
         started = time.perf_counter()
         # Kept: the event loop holds only weak references to tasks.
         tasks = [asyncio.create_task(streams.open(user, ready)) for user in users]
@@ -202,7 +205,7 @@ async def main() -> None:
         from_commit, from_send = [], []
         loop = asyncio.get_running_loop()
         for i in range(args.spends):
-            user = random.choice(users)
+            user = random.choice(streams.connected)
             waiter = loop.create_future()
             streams.waiters[user] = waiter
             sent = time.perf_counter()
