@@ -88,8 +88,9 @@ pub async fn search_users(
                   p.is_admin, a.views_today as "views_today!", a.daily_limit as "daily_limit!",
                   a.views_remaining as "views_remaining!", a.resets_at as "resets_at!",
                   p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
-                  p.created_at, p.updated_at, b.available as "available!", b.held as "held!",
-                  b.paid as "paid!", b.promotional as "promotional!", b.expiring as "expiring!"
+                  p.low_balance_threshold, p.created_at, p.updated_at, b.available as "available!",
+                  b.held as "held!", b.paid as "paid!", b.promotional as "promotional!",
+                  b.expiring as "expiring!"
              from public.profiles p
             cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
             cross join lateral public.credit_balance(p.id) b

@@ -119,14 +119,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { dev, no_migrate } => serve(config, dev, no_migrate).await,
         Command::Migrate => {
             telemetry::init_logging(config.log_format);
-            let options = db::connect_options(&config.database_direct_url)?;
+            let options = db::connect_options(config.database_direct_url.expose())?;
             db::ensure_database(&options).await?;
             db::migrate(&options).await?;
             tracing::info!("migrations are current");
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify => {
-            let options = db::connect_options(&config.database_direct_url)?;
+            let options = db::connect_options(config.database_direct_url.expose())?;
             let mut conn = sqlx::PgConnection::connect_with(&options)
                 .await
                 .context("could not connect to the database")?;
@@ -146,7 +146,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             telemetry::init_logging(config.log_format);
             // Its advisory locks and its long batches need a session of their own.
-            let options = db::connect_options(&config.database_direct_url)?;
+            let options = db::connect_options(config.database_direct_url.expose())?;
             let mut conn = sqlx::PgConnection::connect_with(&options)
                 .await
                 .context("could not connect to the database")?;
@@ -303,7 +303,7 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
     }
 
     // Creating the database and migrating need a session of their own: the direct URL.
-    let direct = db::connect_options(&config.database_direct_url)?;
+    let direct = db::connect_options(config.database_direct_url.expose())?;
     db::ensure_database(&direct).await?;
     if !no_migrate {
         db::migrate(&direct).await?;
@@ -316,7 +316,7 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
     )
     .await?;
     if config.database_pool_mode == crate::config::PoolMode::Transaction {
-        if config.database_direct_url == config.database_url.expose() {
+        if config.database_direct_url.expose() == config.database_url.expose() {
             tracing::warn!(
                 "DATABASE_POOL_MODE=transaction without DATABASE_DIRECT_URL: migrations and \
                  maintenance go through the pooler too, and their advisory locks need a session \
@@ -339,7 +339,12 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
         ),
         None => None,
     };
+    let direct = db::connect_options(config.database_direct_url.expose())
+        .context("DATABASE_DIRECT_URL is not a valid PostgreSQL URL")?;
     let state = AppState::new(config, pool);
+    // One listening connection for the whole process, fanned out to the live streams.
+    state.notifications.start(direct);
+    let notifications = state.notifications.clone();
     let prefetching = state.clone();
     tokio::spawn(async move { prefetching.verifier.prefetch().await });
     // The maintenance gauges come from the recorded runs (pg_cron's too); refreshed here so
@@ -387,6 +392,9 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
             tokio::time::sleep(drain).await;
         }
         tracing::info!("shutting down: finishing requests in flight");
+        // Event streams never finish by themselves: they end now, and their clients reconnect
+        // (to another instance) with Last-Event-ID.
+        notifications.close();
         let _ = stop_tx.send(true);
     });
     tokio::select! {

@@ -106,9 +106,9 @@ pub struct Config {
     /// May hold a password: printed only on purpose.
     pub database_url: Secret,
     /// `DATABASE_DIRECT_URL`: a direct connection (no transaction-mode pooler) for what needs a
-    /// session of its own: migrations, maintenance's advisory locks, listening. Defaults to
-    /// `DATABASE_URL`.
-    pub database_direct_url: String,
+    /// session of its own: migrations, maintenance's advisory locks, listening for the ledger's
+    /// notifications. Defaults to `DATABASE_URL`. May hold a password.
+    pub database_direct_url: Secret,
     /// `DATABASE_POOL_MODE`: `session` (the default) or `transaction`.
     pub database_pool_mode: PoolMode,
     pub database_max_connections: u32,
@@ -133,6 +133,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// How rewarded ads are verified (docs/api.md, "Rewarded ads").
     pub ads: AdsConfig,
+    /// `LOW_BALANCE_THRESHOLD`: the balance under which the live stream sends `low_balance`,
+    /// for users who set none of their own; 0 turns the alerts off.
+    pub low_balance_threshold: i32,
     /// `serve --dev`: the well-known local secret is in use.
     pub dev: bool,
 }
@@ -298,8 +301,9 @@ impl Config {
 
         let database_url =
             Secret::new(get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()));
-        let database_direct_url =
-            get("DATABASE_DIRECT_URL").unwrap_or_else(|| database_url.expose().to_owned());
+        let database_direct_url = get("DATABASE_DIRECT_URL")
+            .map(Secret::new)
+            .unwrap_or_else(|| database_url.clone());
         let database_pool_mode = match get("DATABASE_POOL_MODE").as_deref() {
             None | Some("session") => PoolMode::Session,
             Some("transaction") => PoolMode::Transaction,
@@ -492,6 +496,15 @@ impl Config {
             return Err(invalid("ADMOB_SSV_MAX_AGE_SECONDS", "must be at least 1"));
         }
 
+        let low_balance_threshold: i32 =
+            parse_number("LOW_BALANCE_THRESHOLD", get("LOW_BALANCE_THRESHOLD"), 5)?;
+        if !(0..=1_000_000).contains(&low_balance_threshold) {
+            return Err(invalid(
+                "LOW_BALANCE_THRESHOLD",
+                "must be from 0 to 1000000",
+            ));
+        }
+
         Ok(Config {
             database_url,
             database_direct_url,
@@ -531,6 +544,7 @@ impl Config {
                 admob_ad_units,
                 ssv_max_age_seconds,
             },
+            low_balance_threshold,
             dev: false,
         })
     }
@@ -660,7 +674,10 @@ mod tests {
     fn the_pool_mode_is_session_and_the_direct_url_the_database_url_unless_configured() {
         let c = config(&[("DATABASE_URL", "postgres://u@pooler:6543/app")]).unwrap();
         assert_eq!(c.database_pool_mode, PoolMode::Session);
-        assert_eq!(c.database_direct_url, "postgres://u@pooler:6543/app");
+        assert_eq!(
+            c.database_direct_url.expose(),
+            "postgres://u@pooler:6543/app"
+        );
         let c = config(&[
             ("DATABASE_URL", "postgres://u@pooler:6543/app"),
             ("DATABASE_DIRECT_URL", "postgres://u@db:5432/app"),
@@ -668,7 +685,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.database_pool_mode, PoolMode::Transaction);
-        assert_eq!(c.database_direct_url, "postgres://u@db:5432/app");
+        assert_eq!(c.database_direct_url.expose(), "postgres://u@db:5432/app");
         let err = config(&[("DATABASE_POOL_MODE", "statement")]).unwrap_err();
         assert_eq!(err.variable, "DATABASE_POOL_MODE");
     }
@@ -681,6 +698,15 @@ mod tests {
         assert_eq!(set.database_statement_timeout, Duration::from_secs(3));
         let err = config(&[("DATABASE_STATEMENT_TIMEOUT_SECONDS", "2.5")]).unwrap_err();
         assert_eq!(err.variable, "DATABASE_STATEMENT_TIMEOUT_SECONDS");
+    }
+
+    #[test]
+    fn the_low_balance_threshold_is_five_unless_configured() {
+        assert_eq!(config(&[]).unwrap().low_balance_threshold, 5);
+        let c = config(&[("LOW_BALANCE_THRESHOLD", "0")]).unwrap();
+        assert_eq!(c.low_balance_threshold, 0);
+        let err = config(&[("LOW_BALANCE_THRESHOLD", "-1")]).unwrap_err();
+        assert_eq!(err.variable, "LOW_BALANCE_THRESHOLD");
     }
 
     #[test]

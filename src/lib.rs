@@ -10,12 +10,14 @@
 //!
 //! 1. plumbing: [`config`], [`limits`], [`error`], [`extract`], [`auth`], [`rate_limit`],
 //!    [`idempotency`], [`db`], [`telemetry`], [`openapi`] (the document's frame and what makes
-//!    it exact), [`stripe_api`] (the one client of Stripe's API) and [`admob_keys`] (Google's
-//!    keys for AdMob's reward callbacks);
+//!    it exact), [`stripe_api`] (the one client of Stripe's API), [`admob_keys`] (Google's
+//!    keys for AdMob's reward callbacks) and [`notifications`] (the ledger's `LISTEN`, fanned
+//!    out to each user's streams);
 //! 2. [`state`]: the shared state, built from the plumbing;
 //! 3. features, one per capability, each owning its routes, types and SQL: [`profiles`],
-//!    [`credits`], [`holds`], [`lots`], [`ads`], [`packs`], [`images`], [`admin`], [`stripe`], [`maintenance`],
-//!    [`operations`]; a feature may use a feature below it (admin shows profiles and credits);
+//!    [`credits`], [`holds`], [`lots`], [`ads`], [`packs`], [`images`], [`admin`], [`stripe`],
+//!    [`maintenance`], [`operations`], [`live_balance`]; a feature may use a feature below it
+//!    (admin shows profiles and credits, the live stream sends them);
 //! 4. [`router`]: the one place that knows every feature;
 //! 5. [`cli`] and [`verify`]: the binary's verbs.
 
@@ -28,6 +30,7 @@ pub mod error;
 pub mod extract;
 pub mod idempotency;
 pub mod limits;
+pub mod notifications;
 pub mod openapi;
 pub mod rate_limit;
 pub mod stripe_api;
@@ -40,6 +43,7 @@ pub mod ads;
 pub mod credits;
 pub mod holds;
 pub mod images;
+pub mod live_balance;
 pub mod lots;
 pub mod maintenance;
 pub mod operations;

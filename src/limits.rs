@@ -32,6 +32,8 @@ pub const ADMOB_PARAM_CHARS: usize = 1024;
 pub const ADMOB_QUERY_BYTES: usize = 8192;
 /// Characters of a display name.
 pub const DISPLAY_NAME_CHARS: usize = 100;
+/// The largest low balance threshold a user may set (the migration's check says the same).
+pub const LOW_BALANCE_THRESHOLD_MAX: i64 = 1_000_000;
 /// Characters of an avatar URL, and of a checkout redirect URL.
 pub const URL_CHARS: usize = 2048;
 /// Characters of a pack name.

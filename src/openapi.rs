@@ -349,6 +349,11 @@ const FIELD_CONSTRAINTS: &[(&str, &str, Constraint)] = &[
         Constraint::text(limits::URL_CHARS, HTTP_URL),
     ),
     (
+        "ProfileUpdate",
+        "low_balance_threshold",
+        Constraint::range(0, limits::LOW_BALANCE_THRESHOLD_MAX),
+    ),
+    (
         "AdjustRequest",
         "amount",
         Constraint {

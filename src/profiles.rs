@@ -36,6 +36,7 @@ pub struct ProfileRow {
     pub subscription_status: Option<String>,
     pub subscription_plan: Option<String>,
     pub subscription_current_period_end: Option<DateTime<Utc>>,
+    pub low_balance_threshold: Option<i32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub available: i32,
@@ -59,6 +60,9 @@ pub struct Profile {
     pub balance: Balance,
     pub subscription: Option<Subscription>,
     pub ads: AdAllowance,
+    /// The balance under which the live stream (`GET /v1/me/events`) sends `low_balance`;
+    /// null: the service's default (`LOW_BALANCE_THRESHOLD`); 0: no alerts.
+    pub low_balance_threshold: Option<i32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -132,6 +136,7 @@ impl From<ProfileRow> for Profile {
                 views_remaining: row.views_remaining,
                 resets_at: row.resets_at,
             },
+            low_balance_threshold: row.low_balance_threshold,
             created_at: row.created_at,
             updated_at: row.updated_at,
         }
@@ -146,8 +151,9 @@ pub async fn fetch(pool: &crate::db::ServicePool, id: Uuid) -> ApiResult<Option<
                   a.views_today as "views_today!", a.daily_limit as "daily_limit!",
                   a.views_remaining as "views_remaining!", a.resets_at as "resets_at!",
                   p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
-                  p.created_at, p.updated_at, b.available as "available!", b.held as "held!",
-                  b.paid as "paid!", b.promotional as "promotional!", b.expiring as "expiring!"
+                  p.low_balance_threshold, p.created_at, p.updated_at, b.available as "available!",
+                  b.held as "held!", b.paid as "paid!", b.promotional as "promotional!",
+                  b.expiring as "expiring!"
              from public.profiles p
             cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
             cross join lateral public.credit_balance(p.id) b
@@ -173,6 +179,16 @@ pub async fn fetch(pool: &crate::db::ServicePool, id: Uuid) -> ApiResult<Option<
     )
 )]
 pub async fn get_me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Profile>> {
+    let profile = read_as_user(&state.pool, &user.claims).await?;
+    Ok(Json(profile.ok_or(ApiError::ProfileNotFound)?))
+}
+
+/// The profile of the user whose verified claims these are, read as that user: what
+/// `GET /v1/me` answers, and what the live stream's `balance` event is made from.
+pub async fn read_as_user(
+    pool: &crate::db::ServicePool,
+    claims: &str,
+) -> ApiResult<Option<Profile>> {
     // One round trip: the function reads as the user, under RLS (see the user reads migration).
     let row = sqlx::query_as!(
         ProfileRow,
@@ -180,18 +196,18 @@ pub async fn get_me(State(state): State<AppState>, user: AuthUser) -> ApiResult<
                   p.is_admin as "is_admin!", a.views_today as "views_today!",
                   a.daily_limit as "daily_limit!", a.views_remaining as "views_remaining!",
                   a.resets_at as "resets_at!", p.subscription_status, p.subscription_plan,
-                  p.subscription_current_period_end, p.created_at as "created_at!",
-                  p.updated_at as "updated_at!", b.available as "available!",
-                  b.held as "held!", b.paid as "paid!", b.promotional as "promotional!",
-                  b.expiring as "expiring!"
+                  p.subscription_current_period_end, p.low_balance_threshold,
+                  p.created_at as "created_at!", p.updated_at as "updated_at!",
+                  b.available as "available!", b.held as "held!", b.paid as "paid!",
+                  b.promotional as "promotional!", b.expiring as "expiring!"
              from public.profile_as_user($1) p
             cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
             cross join lateral public.credit_balance(p.id) b"#,
-        &*user.claims,
+        claims,
     )
-    .fetch_optional(&state.pool)
+    .fetch_optional(pool)
     .await?;
-    Ok(Json(row.ok_or(ApiError::ProfileNotFound)?.into()))
+    Ok(row.map(Profile::from))
 }
 
 /// What a user may change about themselves. A field left out is unchanged; `null` clears it.
@@ -206,6 +222,11 @@ pub struct ProfileUpdate {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub avatar_url: Change,
+    /// 0–1,000,000: the balance under which the live stream sends `low_balance`; 0 turns the
+    /// alerts off, null goes back to the service's default.
+    #[serde(default, deserialize_with = "present_number")]
+    #[schema(value_type = Option<i64>)]
+    pub low_balance_threshold: Option<Option<i64>>,
 }
 
 /// A field of a partial update: `None` leaves it, `Some(None)` clears it, `Some(Some(v))` sets it.
@@ -216,8 +237,20 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Change, D::Error> {
     Option::<String>::deserialize(d).map(Some)
 }
 
+/// As [`present`], for a whole number.
+fn present_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
+    Option::<i64>::deserialize(d).map(Some)
+}
+
+/// A checked update: each field `None` to leave it, `Some(None)` to clear it.
+struct Checked {
+    display_name: Change,
+    avatar_url: Change,
+    low_balance_threshold: Option<Option<i32>>,
+}
+
 impl ProfileUpdate {
-    fn check(self) -> Result<(Change, Change), ApiError> {
+    fn check(self) -> Result<Checked, ApiError> {
         let mut errors = Vec::new();
         // Checked as given; stored trimmed, and a blank name clears it.
         if let Some(Some(name)) = &self.display_name {
@@ -243,15 +276,33 @@ impl ProfileUpdate {
             ));
         }
         let avatar_url = self.avatar_url;
+        let low_balance_threshold = match self.low_balance_threshold {
+            Some(Some(n)) if !(0..=limits::LOW_BALANCE_THRESHOLD_MAX).contains(&n) => {
+                errors.push(FieldError::new(
+                    "low_balance_threshold",
+                    format!(
+                        "must be a whole number from 0 to {}, or null",
+                        limits::LOW_BALANCE_THRESHOLD_MAX
+                    ),
+                ));
+                None
+            }
+            other => other.map(|v| v.map(|n| n as i32)),
+        };
         if errors.is_empty() {
-            Ok((display_name, avatar_url))
+            Ok(Checked {
+                display_name,
+                avatar_url,
+                low_balance_threshold,
+            })
         } else {
             Err(ApiError::Validation(errors))
         }
     }
 }
 
-/// Changes the caller's display name or avatar. Other fields are not the user's to change.
+/// Changes the caller's display name, avatar or low balance threshold. Other fields are not the
+/// user's to change.
 #[utoipa::path(
     patch,
     path = "/v1/me",
@@ -269,20 +320,28 @@ pub async fn patch_me(
     user: AuthUser,
     body: ApiJson<ProfileUpdate>,
 ) -> ApiResult<Json<Profile>> {
-    let (display_name, avatar_url) = body.value.check()?;
+    let Checked {
+        display_name,
+        avatar_url,
+        low_balance_threshold,
+    } = body.value.check()?;
     // As the user: RLS and the column privileges are what allow this update.
-    let (set_name, set_avatar) = (display_name.is_some(), avatar_url.is_some());
+    let (set_name, set_avatar, set_threshold) = (
+        display_name.is_some(),
+        avatar_url.is_some(),
+        low_balance_threshold.is_some(),
+    );
     let row = sqlx::query_as!(
         ProfileRow,
         r#"select p.id as "id!", p.email, p.display_name, p.avatar_url, b.credits as "credits!",
                   p.is_admin as "is_admin!", a.views_today as "views_today!",
                   a.daily_limit as "daily_limit!", a.views_remaining as "views_remaining!",
                   a.resets_at as "resets_at!", p.subscription_status, p.subscription_plan,
-                  p.subscription_current_period_end, p.created_at as "created_at!",
-                  p.updated_at as "updated_at!", b.available as "available!",
-                  b.held as "held!", b.paid as "paid!", b.promotional as "promotional!",
-                  b.expiring as "expiring!"
-             from public.update_profile_as_user($1, $2, $3, $4, $5) p
+                  p.subscription_current_period_end, p.low_balance_threshold,
+                  p.created_at as "created_at!", p.updated_at as "updated_at!",
+                  b.available as "available!", b.held as "held!", b.paid as "paid!",
+                  b.promotional as "promotional!", b.expiring as "expiring!"
+             from public.update_profile_as_user($1, $2, $3, $4, $5, $6, $7) p
             cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
             cross join lateral public.credit_balance(p.id) b"#,
         &*user.claims,
@@ -290,6 +349,8 @@ pub async fn patch_me(
         display_name.flatten(),
         set_avatar,
         avatar_url.flatten(),
+        set_threshold,
+        low_balance_threshold.flatten(),
     )
     .fetch_optional(&state.pool)
     .await?;

@@ -21,8 +21,8 @@ use crate::error::ApiError;
 use crate::extract::BODY_LIMIT_BYTES;
 use crate::state::AppState;
 use crate::{
-    admin, ads, auth, credits, holds, images, lots, maintenance, openapi, operations, packs,
-    profiles, rate_limit, stripe, telemetry,
+    admin, ads, auth, credits, holds, images, live_balance, lots, maintenance, openapi, operations,
+    packs, profiles, rate_limit, stripe, telemetry,
 };
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -41,6 +41,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(images::router())
         .merge(maintenance::router())
         .merge(operations::router())
+        .merge(live_balance::router())
         .split_for_parts();
     (api_router, api)
 }
@@ -144,6 +145,8 @@ fn cors(config: &Config) -> CorsLayer {
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             HeaderName::from_static("idempotency-key"),
+            // Sent by event stream clients when they resume (a fetch-based one asks first).
+            HeaderName::from_static("last-event-id"),
             HeaderName::from_static("x-client-info"),
             HeaderName::from_static("apikey"),
         ])

@@ -15,6 +15,7 @@ use crate::db::ServicePool;
 use crate::admob_keys::AdmobKeys;
 use crate::auth::TokenVerifier;
 use crate::config::Config;
+use crate::notifications::Notifications;
 use crate::rate_limit::RateLimiter;
 use crate::stripe_api::StripeClient;
 use crate::telemetry;
@@ -38,6 +39,9 @@ pub struct Shared {
     pub metrics: PrometheusHandle,
     /// Set on SIGTERM: `/ready` answers 503 while the requests still arriving are served.
     draining: AtomicBool,
+    /// The ledger's notifications, fanned out to the live streams; listening starts with
+    /// [`Notifications::start`] (the server does it, on `DATABASE_DIRECT_URL`).
+    pub notifications: Notifications,
 }
 
 impl std::ops::Deref for AppState {
@@ -83,6 +87,7 @@ impl AppState {
             pool,
             metrics: telemetry::metrics_handle(),
             draining: AtomicBool::new(false),
+            notifications: Notifications::new(),
         }))
     }
 

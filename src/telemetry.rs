@@ -114,6 +114,10 @@ fn describe() {
         "stripe_webhook_signature_failures_total",
         "Webhook deliveries refused for their signature, by reason."
     );
+    describe_gauge!(
+        "live_streams_open",
+        "Open live balance streams (GET /v1/me/events)."
+    );
     describe_counter!(
         "maintenance_runs_total",
         "Maintenance runs started by this process (the CLI), by task and outcome."

@@ -107,6 +107,8 @@ const PRIVILEGED_FUNCTIONS: &[&str] = &[
     "hold_lock",
     "lots_as_user",
     "holds_as_user",
+    "ledger_position_as_user",
+    "ledger_events_as_user",
 ];
 
 /// Runs every check.
@@ -256,7 +258,7 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
             .collect(),
     );
 
-    // Users may change their display name and avatar, nothing else.
+    // Users may change their display name, avatar and low balance threshold, nothing else.
     let writable: Vec<(String, String)> = sqlx::query!(
         r#"select c.table_name::text as "table!", c.column_name::text as "column!"
              from information_schema.columns c
@@ -267,7 +269,7 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
                    or has_column_privilege('authenticated', format('public.%I', c.table_name), c.column_name, 'INSERT')
                    or has_column_privilege('anon', format('public.%I', c.table_name), c.column_name, 'UPDATE')
                    or has_column_privilege('anon', format('public.%I', c.table_name), c.column_name, 'INSERT'))
-              and not (c.table_name = 'profiles' and c.column_name in ('display_name', 'avatar_url'))
+              and not (c.table_name = 'profiles' and c.column_name in ('display_name', 'avatar_url', 'low_balance_threshold'))
             order by 1, 2"#
     )
     .fetch_all(&mut *conn)

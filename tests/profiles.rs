@@ -179,3 +179,50 @@ async fn an_email_change_in_auth_reaches_the_profile(
     let me = app.get("/v1/me", Some(&user.token)).await;
     assert_eq!(me.body["email"], "new@example.com");
 }
+
+#[sqlx::test]
+async fn users_set_and_clear_their_low_balance_threshold(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let patch = |body: serde_json::Value| {
+        common::request(
+            axum::http::Method::PATCH,
+            "/v1/me",
+            Some(&user.token),
+            Some(body.to_string()),
+            &[],
+        )
+    };
+
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["low_balance_threshold"], serde_json::Value::Null);
+
+    let set = app.send(patch(json!({"low_balance_threshold": 20}))).await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    assert_eq!(set.body["low_balance_threshold"], 20);
+    // Another field's change leaves it as it is.
+    let renamed = app.send(patch(json!({"display_name": "Ada"}))).await;
+    assert_eq!(renamed.body["low_balance_threshold"], 20);
+    let me = app.get("/v1/me", Some(&user.token)).await;
+    assert_eq!(me.body["low_balance_threshold"], 20);
+
+    let off = app.send(patch(json!({"low_balance_threshold": 0}))).await;
+    assert_eq!(off.body["low_balance_threshold"], 0);
+    let default = app
+        .send(patch(json!({"low_balance_threshold": null})))
+        .await;
+    assert_eq!(default.status, 200);
+    assert_eq!(
+        default.body["low_balance_threshold"],
+        serde_json::Value::Null
+    );
+
+    for bad in [json!(-1), json!(1_000_001), json!(2.5), json!("5")] {
+        let refused = app.send(patch(json!({"low_balance_threshold": bad}))).await;
+        assert_eq!(refused.status, 422, "{bad}");
+        assert_eq!(refused.code(), "validation_failed");
+    }
+}

@@ -485,7 +485,7 @@ async fn readiness_answers_503_while_draining_after_sigterm_and_requests_are_sti
     };
     assert_eq!(get("/ready", None).await.0, 200);
 
-    server.terminate();
+    server.send_sigterm();
     // The signal is handled asynchronously: readiness turns within the drain period, and the
     // server answers throughout it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

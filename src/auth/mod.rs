@@ -236,23 +236,55 @@ fn bearer_token(headers: &HeaderMap) -> Option<Result<&str, Refusal>> {
     Some(Ok(token))
 }
 
+/// Routes that also take the token as `?access_token=`: event streams, which browsers open
+/// with `EventSource`, which cannot send headers. Nowhere else: a token in a URL is easily
+/// leaked (history, proxies' logs), and this service never logs one (no URL's query is ever
+/// logged or used as a metric label).
+pub const QUERY_TOKEN_PATHS: &[&str] = &["/v1/me/events"];
+
+/// `access_token` from the query string, on the routes of [`QUERY_TOKEN_PATHS`].
+fn query_token(request: &Request) -> Option<Result<String, Refusal>> {
+    if !QUERY_TOKEN_PATHS.contains(&request.uri().path()) {
+        return None;
+    }
+    let query = request.uri().query()?;
+    let token = form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "access_token")
+        .map(|(_, value)| value.trim().to_owned())?;
+    Some(if token.is_empty() {
+        Err("the access_token parameter is empty")
+    } else {
+        Ok(token)
+    })
+}
+
 /// Verifies the bearer token, if any, once per request and records the verdict for the
-/// extractors and the rate limiter.
+/// extractors and the rate limiter. The `Authorization` header comes first; the query string
+/// is read only where [`QUERY_TOKEN_PATHS`] allows it.
 pub async fn authenticate(
     State(verifier): State<Arc<TokenVerifier>>,
     mut request: Request,
     next: Next,
 ) -> Response {
     let caller = match bearer_token(request.headers()) {
-        None => Caller::Nobody,
-        Some(Err(why)) => Caller::Refused(why),
-        Some(Ok(token)) => match verifier.verify(token).await {
-            Ok(verified) => Caller::Token(verified),
-            Err(why) => Caller::Refused(why),
+        Some(found) => verdict(&verifier, found).await,
+        None => match query_token(&request) {
+            Some(found) => verdict(&verifier, found.as_deref().map_err(|why| *why)).await,
+            None => Caller::Nobody,
         },
     };
     request.extensions_mut().insert(caller);
     next.run(request).await
+}
+
+async fn verdict(verifier: &TokenVerifier, found: Result<&str, Refusal>) -> Caller {
+    match found {
+        Err(why) => Caller::Refused(why),
+        Ok(token) => match verifier.verify(token).await {
+            Ok(verified) => Caller::Token(verified),
+            Err(why) => Caller::Refused(why),
+        },
+    }
 }
 
 fn caller(parts: &Parts) -> Result<&VerifiedToken, ApiError> {

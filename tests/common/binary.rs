@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -25,6 +25,8 @@ pub struct Binary {
     pub metrics_url: Option<String>,
     pub database: Database,
     pub client: reqwest::Client,
+    /// Every line the server logged so far.
+    logs: Arc<Mutex<Vec<String>>>,
 }
 
 /// A database of the tests' server that no `#[sqlx::test]` manages: created by the binary,
@@ -33,7 +35,7 @@ pub struct Database {
     pub url: String,
     admin_url: String,
     name: String,
-    /// Dropped with this value (false for another name of a database someone else owns).
+    /// Dropped with this value; false for a handle on a database someone else owns.
     owned: bool,
 }
 
@@ -64,6 +66,16 @@ impl Database {
             url: url.to_owned(),
             admin_url: format!("{server}/postgres"),
             name: name.to_owned(),
+            owned: false,
+        }
+    }
+
+    /// Another handle on this database, for a second server: the first one drops it.
+    pub fn shared(&self) -> Database {
+        Database {
+            url: self.url.clone(),
+            admin_url: self.admin_url.clone(),
+            name: self.name.clone(),
             owned: false,
         }
     }
@@ -166,9 +178,12 @@ impl Binary {
         // The addresses are logged; the rest of the log is drained so the server never blocks.
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel::<(String, String)>();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let kept = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                kept.lock().unwrap().push(line.clone());
                 let entry: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
                 if let (Some(message), Some(address)) =
                     (entry["message"].as_str(), entry["address"].as_str())
@@ -196,7 +211,28 @@ impl Binary {
             metrics_url,
             database,
             client: super::http_client(),
+            logs,
         }
+    }
+
+    /// Every line the server has logged so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits for the process to end (for at most 60 s): whether it exited
+    /// successfully.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..600 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the server did not stop within 60 s of SIGTERM");
     }
 
     /// Signs a user up the way Supabase Auth does, in the server's database.
@@ -230,8 +266,8 @@ impl Binary {
         owner.close().await;
     }
 
-    /// Sends SIGTERM, as an orchestrator stopping the process does.
-    pub fn terminate(&self) {
+    /// Sends SIGTERM, as an orchestrator stopping the process does, and returns at once.
+    pub fn send_sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()

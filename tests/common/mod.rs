@@ -7,6 +7,7 @@ pub mod admob;
 pub mod binary;
 pub mod cluster;
 pub mod pgbouncer;
+pub mod sse;
 pub mod stripe;
 
 use std::net::SocketAddr;

@@ -1,0 +1,215 @@
+//! Ledger notifications (docs/api.md, "Live balance"): one `LISTEN` connection per process,
+//! fanned out to the event streams of each user.
+//!
+//! A notification only says "look": the user's streams wake up and read what is new from the
+//! ledger themselves, from the last sequence number each has sent. So nothing depends on a
+//! notification arriving: when the listening connection is lost, it is made again (with a
+//! growing pause), and once it listens again every open stream is woken to catch up, which
+//! covers whatever was announced while nobody listened.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// The channel the ledger's trigger notifies (migration `live_balance`).
+pub const CHANNEL: &str = "amethyst_live";
+
+/// `application_name` of the listening connection, which names it in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "amethyst-credits listener";
+
+/// Longest pause between two attempts to listen again.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The fan-out: who is watching which user, and whether the process is closing.
+#[derive(Clone)]
+pub struct Notifications(Arc<Inner>);
+
+struct Inner {
+    /// One wake-up signal per user with an open stream; the value only counts wake-ups.
+    users: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
+    /// True once the process is shutting down: streams end.
+    closing: watch::Sender<bool>,
+}
+
+/// A user's wake-up signal, held by one stream. Dropping it forgets the user once their last
+/// stream is gone.
+pub struct Subscription {
+    notifications: Notifications,
+    user: Uuid,
+    /// Changes when the user's ledger may have new rows.
+    pub wake: watch::Receiver<u64>,
+    /// Changes to true when the process is shutting down.
+    pub closing: watch::Receiver<bool>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut users = self.notifications.users();
+        // This subscription's receiver is still alive here: one left means it was the last.
+        if users
+            .get(&self.user)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            users.remove(&self.user);
+        }
+    }
+}
+
+/// What the trigger sends; `kind` names what changed (`transaction`), for the kinds to come.
+#[derive(Debug, Deserialize)]
+struct Announcement {
+    kind: String,
+    user_id: Uuid,
+    seq: i64,
+}
+
+impl Default for Notifications {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Notifications {
+    pub fn new() -> Self {
+        Notifications(Arc::new(Inner {
+            users: Mutex::new(HashMap::new()),
+            closing: watch::Sender::new(false),
+        }))
+    }
+
+    fn users(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<u64>>> {
+        self.0.users.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts receiving `user`'s wake-ups. Subscribe before reading the ledger: a change
+    /// committed between the read and the subscription would otherwise wake nobody.
+    pub fn subscribe(&self, user: Uuid) -> Subscription {
+        let wake = self
+            .users()
+            .entry(user)
+            .or_insert_with(|| watch::Sender::new(0))
+            .subscribe();
+        Subscription {
+            notifications: self.clone(),
+            user,
+            wake,
+            closing: self.0.closing.subscribe(),
+        }
+    }
+
+    /// Users with at least one open stream.
+    pub fn watched_users(&self) -> usize {
+        self.users().len()
+    }
+
+    /// Wakes `user`'s streams, if any.
+    pub fn wake(&self, user: Uuid) {
+        if let Some(sender) = self.users().get(&user) {
+            sender.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Wakes every stream: after the listener was away, any of them may have missed something.
+    pub fn wake_all(&self) {
+        for sender in self.users().values() {
+            sender.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Ends every stream, now and from now on (shutdown).
+    pub fn close(&self) {
+        self.0.closing.send_replace(true);
+    }
+
+    /// Listens on a connection of its own to the database of `options` (`DATABASE_DIRECT_URL`:
+    /// a transaction-mode pooler cannot hold a `LISTEN`), until the process closes.
+    pub fn start(&self, options: PgConnectOptions) -> tokio::task::JoinHandle<()> {
+        let notifications = self.clone();
+        let options = options.application_name(APPLICATION_NAME);
+        tokio::spawn(async move { notifications.listen(options).await })
+    }
+
+    async fn listen(self, options: PgConnectOptions) {
+        let mut closed = self.0.closing.subscribe();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let failure = tokio::select! {
+                outcome = self.session(&options, &mut backoff) => {
+                    let Err(err) = outcome;
+                    err
+                }
+                _ = closing(&mut closed) => return,
+            };
+            tracing::warn!(error = %failure, retry_in_ms = backoff.as_millis() as u64,
+                "the listening connection failed; listening again");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = closing(&mut closed) => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One listening connection, for as long as it lasts.
+    async fn session(
+        &self,
+        options: &PgConnectOptions,
+        backoff: &mut Duration,
+    ) -> Result<Infallible, sqlx::Error> {
+        let mut listener = connect(options).await?;
+        tracing::info!(channel = CHANNEL, "listening for ledger notifications");
+        *backoff = Duration::from_millis(100);
+        // Listening again: whatever was announced while nobody listened is read now.
+        self.wake_all();
+        loop {
+            match listener.try_recv().await? {
+                Some(notification) => self.dispatch(notification.payload()),
+                // The connection was lost and sqlx made it again, listening again before it
+                // answered: streams catch up.
+                None => {
+                    tracing::warn!(
+                        "the listening connection was lost and is back; streams catch up"
+                    );
+                    self.wake_all();
+                }
+            }
+        }
+    }
+
+    fn dispatch(&self, payload: &str) {
+        match serde_json::from_str::<Announcement>(payload) {
+            Ok(announcement) => {
+                tracing::trace!(kind = %announcement.kind, seq = announcement.seq, "ledger notification");
+                self.wake(announcement.user_id);
+            }
+            Err(err) => tracing::warn!(error = %err, "an unreadable ledger notification"),
+        }
+    }
+}
+
+/// Resolves once the process is shutting down.
+pub async fn closing(receiver: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` answers is dropped here: it may not be held across an await.
+    let _ = receiver.wait_for(|closing| *closing).await.map(|_| ());
+}
+
+async fn connect(options: &PgConnectOptions) -> Result<PgListener, sqlx::Error> {
+    // A pool of one, which PgListener uses to connect again when its connection is lost.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_with(options.clone())
+        .await?;
+    let mut listener = PgListener::connect_with(&pool).await?;
+    listener.ignore_pool_close_event(true);
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
