@@ -506,6 +506,8 @@ def main() -> None:
     machine = {"cpus": NCPU, "postgres": db.psql("show server_version", db="postgres", capture=True),
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                         capture_output=True).stdout.strip()}
+    if args.binary:
+        machine["note"] = f"measured {args.binary}, not necessarily built from this commit"
 
     with tempfile.TemporaryDirectory(prefix="amethyst-bench-") as tmp:
         work = Path(tmp)
@@ -544,7 +546,7 @@ def run_scaling(args, db: Database, binary: Path, work: Path, stamp: str, machin
     for item in args.scaling_plan.split(","):
         users, rows_target = (int(float(x)) for x in item.split(":"))
         plan.append((users, min(args.history_users, users), rows_target))
-    for users, history, rows_target in plan:
+    for point, (users, history, rows_target) in enumerate(plan):
         args.users = users
         args.history_users = history
         base_rows = users + history * 999
@@ -558,7 +560,7 @@ def run_scaling(args, db: Database, binary: Path, work: Path, stamp: str, machin
         finally:
             service.stop()
         for row in measured:
-            row.update({"users": users, "transactions": total, "seed_seconds": seed_s})
+            row.update({"point": point, "users": users, "transactions": total, "seed_seconds": seed_s})
             points.append(row)
         log(f"{users} users, {total} transactions done (seeded in {seed_s:.0f} s)")
     ledger_ok = verify(binary, db)
@@ -573,8 +575,8 @@ def run_scaling(args, db: Database, binary: Path, work: Path, stamp: str, machin
         print(f"| {r['users']} | {r['transactions']} | {r['title']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
               f"{r['p99_ms']:.2f} | {r['errors']} | {r['cpu_us_per_request'] or 0:.0f} | {ratio} |")
     # How each scenario moves from the smallest data size to the largest.
-    first = {r["scenario"]: r for r in points if r["transactions"] == points[0]["transactions"]}
-    last = {r["scenario"]: r for r in points if r["transactions"] == points[-1]["transactions"]}
+    first = {r["scenario"]: r for r in points if r["point"] == 0}
+    last = {r["scenario"]: r for r in points if r["point"] == len(plan) - 1}
     print(f"\n| scenario | p50 × | p99 × | req/s × | CPU/req × |  ({points[0]['transactions']} → "
           f"{points[-1]['transactions']} transactions)\n|---|---|---|---|---|")
     for name in names:
