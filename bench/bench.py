@@ -4,6 +4,7 @@ the service sends for the same request and (b) the smallest SQL that does the jo
 database in the same run. See bench/README.md; run it with bench/run."""
 
 import argparse
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -174,11 +176,11 @@ def free_port() -> int:
 
 
 class Service:
-    def __init__(self, binary: Path, db: Database, pool: int):
+    def __init__(self, binary: Path, db: Database, pool: int, database_url: str | None = None):
         self.port = free_port()
         env = dict(os.environ)
         env.update({
-            "DATABASE_URL": db.url(), "BIND_ADDR": f"127.0.0.1:{self.port}", "SUPABASE_JWT_SECRET": SECRET,
+            "DATABASE_URL": database_url or db.url(), "BIND_ADDR": f"127.0.0.1:{self.port}", "SUPABASE_JWT_SECRET": SECRET,
             "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "RATE_LIMIT_PER_MINUTE": "0",
             "DATABASE_MAX_CONNECTIONS": str(pool), "LOG_FORMAT": "json", "RUST_LOG": "warn",
             # POST /v1/ads/views (the ad_view scenario) answers only in the client mode; every
@@ -224,6 +226,70 @@ class Service:
         self.process.wait(timeout=40)
 
 
+class RoundTripCounter:
+    """A TCP proxy between the service and PostgreSQL that counts round trips: every `Sync`
+    (the end of an extended-protocol exchange, pipelined or not) and every simple `Query` the
+    service sends is one wait for the server's ReadyForQuery. pg_stat_statements is not
+    loaded on these servers (it needs shared_preload_libraries and a restart), and
+    pg_stat_database counts transactions, not statements; counting the wire is exact and
+    needs nothing from the server. TLS is off on this leg (sslmode=disable) so the messages
+    can be read."""
+
+    def __init__(self, db: "Database"):
+        self.target = (db.host, db.port)
+        self.trips = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.port = 0
+
+        async def start():
+            server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            await server.serve_forever()
+
+        threading.Thread(target=lambda: self.loop.run_until_complete(start()), daemon=True).start()
+        ready.wait(10)
+
+    def url(self, db: "Database") -> str:
+        return f"postgres://{db.user}@127.0.0.1:{self.port}/{db.name}?sslmode=disable"
+
+    async def _client(self, client_reader, client_writer):
+        server_reader, server_writer = await asyncio.open_connection(*self.target)
+
+        async def upstream():
+            # Startup: length-prefixed messages without a type byte, until the real start-up
+            # message (anything but an SSL or GSS encryption request).
+            while True:
+                head = await client_reader.readexactly(8)
+                length, code = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+                rest = await client_reader.readexactly(length - 8)
+                server_writer.write(head + rest)
+                await server_writer.drain()
+                if code not in (80877103, 80877104):
+                    break
+            while True:
+                head = await client_reader.readexactly(5)
+                body = await client_reader.readexactly(int.from_bytes(head[1:], "big") - 4)
+                if head[:1] in (b"S", b"Q"):
+                    self.trips += 1
+                server_writer.write(head + body)
+                await server_writer.drain()
+
+        async def downstream():
+            while data := await server_reader.read(65536):
+                client_writer.write(data)
+                await client_writer.drain()
+
+        try:
+            await asyncio.gather(upstream(), downstream())
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            for writer in (server_writer, client_writer):
+                writer.close()
+
+
 def run_wrk(url: str, mode: str, data: Path, connections: int, threads: int, duration: int) -> dict:
     out = subprocess.run(
         ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "10s",
@@ -259,6 +325,8 @@ def run_pgbench(db: Database, script: Path, variables: dict, clients: int, durat
 # Each scenario: the HTTP request, and the two pgbench scripts (bench/pgbench/<name>_a.sql is the
 # service's own statements, <name>_b.sql the smallest SQL for the job).
 SCENARIOS = {
+    # No token, no database: what the layers and the runtime cost on their own.
+    "health": {"title": "GET /health", "path": "/health", "mode": "plain", "users": "none", "pgbench": False},
     "me": {"title": "GET /v1/me", "path": "/v1/me", "mode": "get", "users": "all"},
     "transactions": {"title": "GET /v1/me/transactions?limit=20", "path": "/v1/me/transactions?limit=20",
                      "mode": "get", "users": "history"},
@@ -277,6 +345,10 @@ WRITES = {"spend", "spend_hot", "ad_view", "ad_session", "webhook"}
 def scenario_inputs(name: str, spec: dict, args, work: Path, now: int):
     """The wrk data file and the pgbench variables (user number ranges) for a scenario."""
     users, history = args.users, min(args.history_users, args.users)
+    if spec["users"] == "none":
+        path = work / f"{name}.none"
+        path.write_text("-\n")
+        return path, {}
     if spec["users"] == "history":
         return write_tokens(work / f"{name}.tokens", range(1, history + 1), now), {"first": 1, "last": history}
     if spec["users"] == "one":
@@ -311,11 +383,15 @@ def measure(args, db: Database, service: Service, names, work: Path) -> list:
         cpu_before, wall_before = service.cpu_seconds(), time.monotonic()
         http = run_wrk(f"http://127.0.0.1:{service.port}{spec['path']}", spec["mode"], data,
                        args.connections, args.wrk_threads, args.duration)
-        cpu = (service.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before) / NCPU
+        cpu_spent = service.cpu_seconds() - cpu_before
+        cpu = cpu_spent / (time.monotonic() - wall_before) / NCPU
         rss = service.peak_rss_mb()
-        log(f"{name}: pgbench (a) and (b), {args.pgbench_clients} clients")
-        a = run_pgbench(db, BENCH / "pgbench" / f"{script}_a.sql", a_vars, args.pgbench_clients, args.duration)
-        b = run_pgbench(db, BENCH / "pgbench" / f"{script}_b.sql", b_vars, args.pgbench_clients, args.duration)
+        if spec.get("pgbench", True) and not args.no_pgbench:
+            log(f"{name}: pgbench (a) and (b), {args.pgbench_clients} clients")
+            a = run_pgbench(db, BENCH / "pgbench" / f"{script}_a.sql", a_vars, args.pgbench_clients, args.duration)
+            b = run_pgbench(db, BENCH / "pgbench" / f"{script}_b.sql", b_vars, args.pgbench_clients, args.duration)
+        else:
+            a = b = {"tps": 0.0, "failed": 0}
         # The ratios compare like with like: a pgbench transaction that does the job of several
         # requests counts as that many.
         per = spec.get("requests_per_transaction", 1)
@@ -326,22 +402,51 @@ def measure(args, db: Database, service: Service, names, work: Path) -> list:
             "ratio_a": http["rps"] / (a["tps"] * per) if a["tps"] else None,
             "ratio_b": http["rps"] / (b["tps"] * per) if b["tps"] else None,
             "peak_rss_mb": rss, "cpu_share": cpu, "write": name in WRITES,
+            # The service's own CPU (user + system, from /proc/<pid>/stat) per request served.
+            "cpu_us_per_request": cpu_spent * 1e6 / http["requests"] if http["requests"] else None,
         }
         rows.append(row)
-        log(f"{name}: {row['rps']:.0f} req/s, p99 {row['p99_ms']:.1f} ms, (a) {a['tps']:.0f} tps, (b) {b['tps']:.0f} tps")
+        log(f"{name}: {row['rps']:.0f} req/s, {row['cpu_us_per_request'] or 0:.0f} µs CPU/req, "
+            f"p99 {row['p99_ms']:.1f} ms, (a) {a['tps']:.0f} tps, (b) {b['tps']:.0f} tps")
     return rows
+
+
+def count_round_trips(args, db: Database, binary: Path, names, work: Path) -> dict:
+    """Database round trips per request, scenario by scenario: a second service, whose pool
+    connects through the counting proxy, serves a short light run after a warm-up (which
+    prepares its statements on every pooled connection)."""
+    counter = RoundTripCounter(db)
+    service = Service(binary, db, 2, database_url=counter.url(db))
+    trips = {}
+    now = int(time.time()) + 1  # other webhook events than the main run's
+    try:
+        for name in names:
+            spec = SCENARIOS[name]
+            data, _ = scenario_inputs(name, spec, args, work, now)
+            url = f"http://127.0.0.1:{service.port}{spec['path']}"
+            run_wrk(url, spec["mode"], data, 2, 1, 1)
+            before = counter.trips
+            http = run_wrk(url, spec["mode"], data, 2, 1, args.probe_duration)
+            trips[name] = (counter.trips - before) / http["requests"] if http["requests"] else None
+            log(f"{name}: {trips[name]:.2f} database round trips per request ({http['requests']} requests, "
+                f"{http['errors']} errors)")
+    finally:
+        service.stop()
+    return trips
 
 
 def table(rows: list) -> str:
     head = ("scenario", "conns", "req/s", "p50 ms", "p99 ms", "errors", "pgbench a", "pgbench b",
-            "svc/a", "svc/b", "RSS MB", "CPU")
+            "svc/a", "svc/b", "RSS MB", "CPU", "CPU µs/req", "DB trips/req")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        ratio = lambda v: f"{v * 100:.0f} %" if v is not None else "–"
+        ratio = lambda v: f"{v * 100:.0f} %" if v else "–"
         lines.append("| " + " | ".join([
             r["title"], str(r["connections"]), f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
             str(r["errors"]), f"{r['pgbench_a_tps']:.0f}", f"{r['pgbench_b_tps']:.0f}", ratio(r["ratio_a"]),
             ratio(r["ratio_b"]), f"{r['peak_rss_mb']:.1f}", f"{r['cpu_share'] * 100:.0f} %",
+            f"{r['cpu_us_per_request']:.0f}" if r.get("cpu_us_per_request") is not None else "–",
+            f"{r['db_round_trips']:.2f}" if r.get("db_round_trips") is not None else "–",
         ]) + " |")
     return "\n".join(lines)
 
@@ -373,17 +478,25 @@ def main() -> None:
     parser.add_argument("--pgbench-clients", type=int, default=16)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--scaling", action="store_true",
-                        help="history and spend with 100k, 1M and 10M transactions, and 1k vs 100k users")
+                        help="every scenario at each data size of --scaling-plan")
+    parser.add_argument("--scaling-plan", default="100000:1.1e6,1000000:1e7",
+                        help="users:transactions pairs, comma-separated")
     parser.add_argument("--database", default="amethyst_bench")
     parser.add_argument("--pg-host", default=os.environ.get("PGHOST", "127.0.0.1"))
     parser.add_argument("--pg-port", type=int, default=int(os.environ.get("PGPORT", "5432")))
     parser.add_argument("--pg-user", default=os.environ.get("PGUSER", "postgres"))
     parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument("--binary", help="measure this build of the service (no build)")
+    parser.add_argument("--probe-duration", type=int, default=2,
+                        help="seconds of the light run that counts database round trips per request")
+    parser.add_argument("--no-probe", action="store_true", help="do not count database round trips")
+    parser.add_argument("--no-pgbench", action="store_true",
+                        help="the service alone (CPU per request), without the pgbench comparisons")
     args = parser.parse_args()
 
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    binary = target / "release" / "amethyst-credits"
-    if not args.skip_build:
+    binary = Path(args.binary) if args.binary else target / "release" / "amethyst-credits"
+    if not args.skip_build and not args.binary:
         log("building the release binary")
         subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
     db = Database(args)
@@ -393,6 +506,8 @@ def main() -> None:
     machine = {"cpus": NCPU, "postgres": db.psql("show server_version", db="postgres", capture=True),
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                         capture_output=True).stdout.strip()}
+    if args.binary:
+        machine["note"] = f"measured {args.binary}, not necessarily built from this commit"
 
     with tempfile.TemporaryDirectory(prefix="amethyst-bench-") as tmp:
         work = Path(tmp)
@@ -407,6 +522,10 @@ def main() -> None:
             rows = measure(args, db, service, names, work)
         finally:
             service.stop()
+        if not args.no_probe:
+            trips = count_round_trips(args, db, binary, names, work)
+            for row in rows:
+                row["db_round_trips"] = trips.get(row["scenario"])
         ledger_ok = verify(binary, db)
         report = {"kind": "scenarios", "at": stamp, "machine": machine, "settings": vars(args),
                   "startup_ms": service.startup_ms, "ledger_ok": ledger_ok, "rows": rows}
@@ -418,34 +537,56 @@ def main() -> None:
 
 
 def run_scaling(args, db: Database, binary: Path, work: Path, stamp: str, machine: dict) -> None:
+    """Every scenario at growing data sizes (`--scaling-plan`; by default 100k users and about
+    1.1M transactions, then 1M users and 10M transactions), and how each scenario's latency
+    and CPU per request move from the smallest size to the largest."""
     points = []
-    # (users, users with 1,000 rows of history, rows wanted in credit_transactions): the rows
-    # grow tenfold at 1k users and at 100k users, and 1k and 100k users meet at about 1M rows.
-    plan = [(1_000, 99, 100_000), (1_000, 1_000, 1_000_000), (100_000, 1_000, 1_100_000), (100_000, 1_000, 10_000_000)]
-    for users, history, rows_target in plan:
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    plan = []
+    for item in args.scaling_plan.split(","):
+        users, rows_target = (int(float(x)) for x in item.split(":"))
+        plan.append((users, min(args.history_users, users), rows_target))
+    for point, (users, history, rows_target) in enumerate(plan):
         args.users = users
         args.history_users = history
         base_rows = users + history * 999
+        started = time.monotonic()
         prepare(args, db, binary, filler_rows=max(0, rows_target - base_rows))
+        seed_s = time.monotonic() - started
         total = int(db.psql("select count(*) from public.credit_transactions", capture=True))
         service = Service(binary, db, args.pool)
         try:
-            measured = measure(args, db, service, ["transactions", "spend"], work)
+            measured = measure(args, db, service, names, work)
         finally:
             service.stop()
         for row in measured:
-            row.update({"users": users, "transactions": total})
+            row.update({"point": point, "users": users, "transactions": total, "seed_seconds": seed_s})
             points.append(row)
-        log(f"{users} users, {total} transactions done")
-    report = {"kind": "scaling", "at": stamp, "machine": machine, "settings": vars(args), "rows": points}
+        log(f"{users} users, {total} transactions done (seeded in {seed_s:.0f} s)")
+    ledger_ok = verify(binary, db)
+    report = {"kind": "scaling", "at": stamp, "machine": machine, "settings": vars(args), "rows": points,
+              "ledger_ok": ledger_ok}
     path = BENCH / "results" / f"{stamp}-scaling.json"
     path.write_text(json.dumps(report, indent=2))
-    head = "| users | transactions | scenario | req/s | p50 ms | p99 ms | errors | svc/a |"
-    print(head + "\n|---|---|---|---|---|---|---|---|")
+    head = "| users | transactions | scenario | req/s | p50 ms | p99 ms | errors | CPU µs/req | svc/a |"
+    print(head + "\n|---|---|---|---|---|---|---|---|---|")
     for r in points:
+        ratio = f"{r['ratio_a'] * 100:.0f} %" if r["ratio_a"] else "–"
         print(f"| {r['users']} | {r['transactions']} | {r['title']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} | {r['errors']} | {r['ratio_a'] * 100:.0f} % |")
-    print(f"\nresults: {path.relative_to(ROOT)}")
+              f"{r['p99_ms']:.2f} | {r['errors']} | {r['cpu_us_per_request'] or 0:.0f} | {ratio} |")
+    # How each scenario moves from the smallest data size to the largest.
+    first = {r["scenario"]: r for r in points if r["point"] == 0}
+    last = {r["scenario"]: r for r in points if r["point"] == len(plan) - 1}
+    print(f"\n| scenario | p50 × | p99 × | req/s × | CPU/req × |  ({points[0]['transactions']} → "
+          f"{points[-1]['transactions']} transactions)\n|---|---|---|---|---|")
+    for name in names:
+        a, b = first.get(name), last.get(name)
+        if not a or not b:
+            continue
+        times = lambda x, y: f"{y / x:.2f}" if x else "–"
+        print(f"| {a['title']} | {times(a['p50_ms'], b['p50_ms'])} | {times(a['p99_ms'], b['p99_ms'])} | "
+              f"{times(a['rps'], b['rps'])} | {times(a['cpu_us_per_request'], b['cpu_us_per_request'])} |")
+    print(f"\nverify after the run: {'passed' if ledger_ok else 'FAILED'}; results: {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

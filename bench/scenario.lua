@@ -1,7 +1,7 @@
 -- wrk script for bench/run: one request shape per scenario, a different caller per request.
 -- Non-2xx answers are counted by wrk itself (summary.errors.status).
 -- Arguments (after `--`): <mode> <file> <threads>
---   mode: get (GET path with a random token), spend, ad_view (POST with a JSON body),
+--   mode: plain (GET path, no token), get (GET path with a random token), spend, ad_view (POST with a JSON body),
 --         ad_session (open an ad session, then complete it), webhook (pre-signed Stripe
 --         events, one per request)
 --   file: tokens, one per line (token modes), "<user id>\t<token>" lines (ad_session) or
@@ -124,6 +124,9 @@ function request()
       ["Content-Type"] = "application/json",
       ["Stripe-Signature"] = line:sub(1, tab - 1),
     }, line:sub(tab + 1))
+  end
+  if mode == "plain" then
+    return wrk.format("GET", path)
   end
   local token
   if mode == "ad_view" then

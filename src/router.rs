@@ -73,10 +73,9 @@ pub fn app(state: AppState) -> Router {
         .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", openapi()))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn(run_to_completion))
-        .layer(middleware::from_fn(move |req: Request, next: Next| time_limit(timeout, req, next)))
-        // Outside the time limit, so that timed-out requests are counted too.
-        .layer(middleware::from_fn(telemetry::track_requests))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            every_request(timeout, req, next)
+        }))
         .layer(cors(&state.config))
         .layer(CatchPanicLayer::custom(|_panic| {
             ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
@@ -105,25 +104,29 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("route")
 }
 
-/// Runs every handler to its end in a task of its own, even when the client goes away or the
-/// time limit answers first. A handler dropped half-way through could leave a pooled database
-/// connection inside a transaction it began (sqlx 0.8 loses track of a `BEGIN` whose answer
-/// was still on the way), holding row locks that block every later request for that row.
-async fn run_to_completion(request: Request, next: Next) -> Response {
-    match tokio::spawn(next.run(request)).await {
-        Ok(response) => response,
-        Err(err) => {
-            ApiError::Internal(anyhow::anyhow!("the request's task failed: {err}")).into_response()
+/// What every routed request goes through, in one layer (each layer of its own costs a
+/// boxed future and a copy of the route per request):
+///
+/// - it is counted and timed (outside the time limit, so that timed-out requests are counted
+///   too);
+/// - it times out (docs/api.md, "Request timeout") with a problem answer rather than a dropped
+///   connection;
+/// - its handler runs to its end in a task of its own, even when the client goes away or the
+///   time limit answers first. A handler dropped half-way through could leave a pooled
+///   database connection inside a transaction it began (sqlx 0.8 loses track of a `BEGIN`
+///   whose answer was still on the way), holding row locks that block every later request
+///   for that row.
+async fn every_request(limit: Duration, request: Request, next: Next) -> Response {
+    telemetry::track_requests(request, |request| async move {
+        let handler = tokio::spawn(next.run(request));
+        match tokio::time::timeout(limit, handler).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) => ApiError::Internal(anyhow::anyhow!("the request's task failed: {err}"))
+                .into_response(),
+            Err(_) => ApiError::Unavailable("the request took too long").into_response(),
         }
-    }
-}
-
-/// Requests time out (docs/api.md, "Request timeout") with a problem answer rather than a dropped connection.
-async fn time_limit(limit: Duration, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::Unavailable("the request took too long").into_response(),
-    }
+    })
+    .await
 }
 
 fn cors(config: &Config) -> CorsLayer {

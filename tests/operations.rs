@@ -882,3 +882,76 @@ fn the_committed_openapi_document_is_the_one_the_service_serves() {
         "docs/openapi.json is stale: regenerate it with `cargo run -q -- openapi > docs/openapi.json`"
     );
 }
+
+/// The layer every routed request goes through: a request past `REQUEST_TIMEOUT_SECONDS`
+/// answers 503, is counted with that status, and its handler still runs to its end.
+#[tokio::test]
+async fn a_request_past_the_time_limit_answers_503_is_counted_and_its_work_completes() {
+    let server = Binary::serve(&[("REQUEST_TIMEOUT_SECONDS", "1")]).await;
+    let user = server.user().await;
+    server.grant(user.id, 10).await;
+    let owner = server.database.owner().await;
+
+    // Another transaction holds the caller's profile row: the spend (with its key, a
+    // transaction of its own) waits for it past the time limit, and is answered before the
+    // row is free.
+    let mut holder = owner.begin().await.unwrap();
+    sqlx::query("select 1 from public.profiles where id = $1 for update")
+        .bind(user.id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let spend = || {
+        server
+            .request(Method::POST, "/v1/credits/spend")
+            .bearer_auth(&user.token)
+            .header("idempotency-key", "slow-spend")
+            .json(&json!({"amount": 3}))
+            .send()
+    };
+    let response = spend().await.expect("the server answers");
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "unavailable", "{problem}");
+    holder.rollback().await.unwrap();
+
+    // The answer did not cancel the work: once the row is free the spend is applied, and
+    // its answer stored under the key.
+    let mut waited = 0;
+    loop {
+        let credits: i32 = sqlx::query_scalar("select credits from public.profiles where id = $1")
+            .bind(user.id)
+            .fetch_one(&owner)
+            .await
+            .unwrap();
+        if credits == 7 {
+            break;
+        }
+        assert_eq!(credits, 10, "the spend is applied whole or not yet");
+        waited += 1;
+        assert!(waited < 1500, "the spend never completed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let replay = spend().await.expect("the server answers");
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+
+    let text = server.scrape().await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"http_requests_total{method="POST",route="/v1/credits/spend",status="503"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"http_request_duration_seconds_count{method="POST",route="/v1/credits/spend"}"#
+        ),
+        Some(2.0)
+    );
+    owner.close().await;
+}
