@@ -9,6 +9,7 @@
 //! `Last-Event-ID`, or woken after the listener was away, sends exactly the rows it has not sent,
 //! in order.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,8 +29,9 @@ use uuid::Uuid;
 use crate::auth::AuthUser;
 use crate::credits::Transaction;
 use crate::error::{ApiError, ApiResult, Problem};
+use crate::holds::Hold;
 use crate::notifications::{Subscription, closing};
-use crate::profiles::{self, Profile};
+use crate::profiles::{self, Balance, Expiring, Profile};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -52,30 +54,28 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
 /// Events waiting for a slow client before the stream stops reading the ledger for it.
 const BUFFERED_EVENTS: usize = 64;
 
-/// The part of the balance a stream speaks of: until credits can be held, all of them are
-/// available.
+/// How far ahead an expiry is announced with `credits_expiring`.
+pub const EXPIRING_NOTICE: chrono::TimeDelta = chrono::TimeDelta::days(7);
+
+/// The part of the balance a `transaction` event speaks of.
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct LiveBalance {
-    /// Credits that can be spent now.
+    /// Credits that could be spent right after the row: credits less active holds.
     pub available: i32,
 }
 
-/// `balance`: the first event of every stream.
+/// `balance`: the first event of every stream: the Profile's `credits` and `balance`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BalanceEvent {
-    /// The Profile's `credits`.
     pub credits: i32,
-    pub balance: LiveBalance,
+    pub balance: Balance,
 }
 
-impl From<&Profile> for BalanceEvent {
-    fn from(profile: &Profile) -> Self {
+impl From<Profile> for BalanceEvent {
+    fn from(profile: Profile) -> Self {
         BalanceEvent {
             credits: profile.credits,
-            // Nothing is held yet: available is the whole balance (as the ledger read says).
-            balance: LiveBalance {
-                available: profile.credits,
-            },
+            balance: profile.balance,
         }
     }
 }
@@ -209,8 +209,29 @@ pub async fn my_events(
     let profile = profiles::read_as_user(&state.pool, &user.claims)
         .await?
         .ok_or(ApiError::ProfileNotFound)?;
+    // Hold changes from now on; the snapshot's `held` covers the ones before.
+    let hold_cursor = sqlx::query_scalar!(
+        r#"select coalesce(max(changed_seq), 0) as "head!" from public.credit_holds
+            where user_id = $1"#,
+        user.id,
+    )
+    .fetch_one(&state.pool)
+    .await?;
+    let active_holds = sqlx::query!(
+        r#"select id, expires_at from public.credit_holds
+            where user_id = $1 and status = 'active' and expires_at > public.clock_now()"#,
+        user.id,
+    )
+    .fetch_all(&state.pool)
+    .await?
+    .into_iter()
+    .map(|h| (h.id, h.expires_at))
+    .collect();
 
-    let mut opening = vec![event("balance", &BalanceEvent::from(&profile))];
+    let mut announced = HashSet::new();
+    let expiring = soon_expiring(&profile.balance.expiring, &mut announced);
+    let mut opening = vec![event("balance", &BalanceEvent::from(profile))];
+    opening.extend(expiring);
     let cursor = match last_seen {
         Some(seen) if position.replayable => seen,
         Some(_) => {
@@ -227,8 +248,12 @@ pub async fn my_events(
     }
     let stream = LiveStream {
         state: state.clone(),
+        user: user.id,
         claims: user.claims.clone(),
         cursor,
+        hold_cursor,
+        active_holds,
+        announced,
         subscription,
         expires_at: expiry(&user.claims),
         sender,
@@ -269,9 +294,16 @@ fn expiry(claims: &str) -> Instant {
 /// token expires or the process shuts down.
 struct LiveStream {
     state: AppState,
+    user: Uuid,
     claims: Arc<str>,
     /// The sequence number of the last row sent (or the head when the stream opened).
     cursor: i64,
+    /// The number of the last hold change sent (or the newest when the stream opened).
+    hold_cursor: i64,
+    /// Active holds and when they lapse: a lapse changes no row, so the stream watches the time.
+    active_holds: HashMap<Uuid, DateTime<Utc>>,
+    /// The expiries `credits_expiring` has announced.
+    announced: HashSet<DateTime<Utc>>,
     subscription: Subscription,
     expires_at: Instant,
     sender: mpsc::Sender<Event>,
@@ -290,10 +322,12 @@ impl LiveStream {
         loop {
             // Boxed: the query's future is large and lives only while reading, so an idle
             // stream's task stays small (the benchmark holds 10,000 of them).
-            let retry_at = match Box::pin(self.read()).await {
-                Ok(rows) => {
+            let read = Box::pin(self.read()).await;
+            let retry_at = match read {
+                Ok((rows, holds, expiring)) => {
                     failures = 0;
-                    let more = rows.len() as i64 >= i64::from(BATCH_ROWS);
+                    let more = rows.len() as i64 >= i64::from(BATCH_ROWS)
+                        || holds.len() as i64 >= i64::from(BATCH_ROWS);
                     for row in rows {
                         let seq = row.seq;
                         for event in row.into_events() {
@@ -302,6 +336,17 @@ impl LiveStream {
                             }
                         }
                         self.cursor = seq;
+                    }
+                    for (change, hold) in holds {
+                        if !self.send_hold(&hold).await {
+                            return;
+                        }
+                        self.hold_cursor = change;
+                    }
+                    for event in expiring {
+                        if self.sender.send(event).await.is_err() {
+                            return;
+                        }
                     }
                     if more {
                         continue;
@@ -317,8 +362,14 @@ impl LiveStream {
                     Some(Instant::now() + pause)
                 }
             };
+            let next_lapse = self.next_lapse();
             let subscription = &mut self.subscription;
             tokio::select! {
+                _ = tokio::time::sleep_until(next_lapse.unwrap_or(self.expires_at)), if next_lapse.is_some() => {
+                    if !self.send_lapsed().await {
+                        return;
+                    }
+                }
                 woken = subscription.wake.changed() => {
                     if woken.is_err() {
                         return;
@@ -335,8 +386,126 @@ impl LiveStream {
         }
     }
 
+    /// Sends a `hold` event and keeps watching an active hold's lapse; false when the client
+    /// went away.
+    async fn send_hold(&mut self, hold: &Hold) -> bool {
+        if hold.status == "active" {
+            self.active_holds.insert(hold.id, hold.expires_at);
+        } else {
+            self.active_holds.remove(&hold.id);
+        }
+        self.sender.send(event("hold", hold)).await.is_ok()
+    }
+
+    /// When the first watched hold lapses, on this process's clock.
+    fn next_lapse(&self) -> Option<Instant> {
+        let first = self.active_holds.values().min()?;
+        let wait = (*first - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        Some(Instant::now() + wait)
+    }
+
+    /// Sends the holds that lapsed, as the database's clock sees them; false when the client
+    /// went away. A hold the database still sees active is looked at again a second later.
+    async fn send_lapsed(&mut self) -> bool {
+        let due: Vec<Uuid> = self
+            .active_holds
+            .iter()
+            .filter(|(_, at)| **at <= Utc::now())
+            .map(|(id, _)| *id)
+            .collect();
+        let seen = match self.read_holds(&due).await {
+            Ok(seen) => seen,
+            Err(err) => {
+                tracing::warn!(error = %err, "a live stream could not read its holds");
+                Vec::new()
+            }
+        };
+        for hold in seen {
+            if hold.status == "active" {
+                self.active_holds
+                    .insert(hold.id, Utc::now() + chrono::TimeDelta::seconds(1));
+            } else if !self.send_hold(&hold).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn read_holds(&self, ids: &[Uuid]) -> Result<Vec<Hold>, sqlx::Error> {
+        sqlx::query_as!(
+            Hold,
+            r#"select s.id as "id!", s.user_id as "user_id!", s.amount as "amount!",
+                      s.captured_amount as "captured_amount!", s.status as "status!",
+                      s.reference, s.description, s.created_at as "created_at!",
+                      s.expires_at as "expires_at!", s.settled_at, s.seq as "seq!"
+                 from public.credit_holds h
+                cross join lateral public.hold_seen(h, public.clock_now()) s
+                where h.id = any($1) and h.user_id = $2"#,
+            ids,
+            self.user,
+        )
+        .fetch_all(&self.state.pool)
+        .await
+    }
+
+    /// The next ledger rows after the cursor with their alerts, the hold changes after the
+    /// hold cursor, and the `credits_expiring` events newly due: as the user.
+    #[allow(clippy::type_complexity)]
+    async fn read(
+        &mut self,
+    ) -> Result<(Vec<LedgerRow>, Vec<(i64, Hold)>, Vec<Event>), sqlx::Error> {
+        let rows = self.read_ledger().await?;
+        let holds = sqlx::query!(
+            r#"select changed_seq as "changed_seq!", id as "id!", user_id as "user_id!",
+                      amount as "amount!", captured_amount as "captured_amount!",
+                      status as "status!", reference, description, created_at as "created_at!",
+                      expires_at as "expires_at!", settled_at
+                 from public.hold_changes_as_user($1, $2, $3)"#,
+            &*self.claims,
+            self.hold_cursor,
+            BATCH_ROWS,
+        )
+        .fetch_all(&self.state.pool)
+        .await?
+        .into_iter()
+        .map(|h| {
+            (
+                h.changed_seq,
+                Hold {
+                    id: h.id,
+                    user_id: h.user_id,
+                    amount: h.amount,
+                    captured_amount: h.captured_amount,
+                    status: h.status,
+                    reference: h.reference,
+                    description: h.description,
+                    created_at: h.created_at,
+                    expires_at: h.expires_at,
+                    settled_at: h.settled_at,
+                    seq: 0,
+                },
+            )
+        })
+        .collect();
+        // A grant may bring a lot that expires soon.
+        let expiring = if rows.iter().any(|r| r.amount > 0) {
+            let list = sqlx::query_scalar!(
+                r#"select expiring as "expiring!" from public.credit_balance($1)"#,
+                self.user,
+            )
+            .fetch_optional(&self.state.pool)
+            .await?
+            .and_then(|v| serde_json::from_value::<Vec<Expiring>>(v).ok())
+            .unwrap_or_default();
+            soon_expiring(&list, &mut self.announced)
+        } else {
+            Vec::new()
+        };
+        Ok((rows, holds, expiring))
+    }
+
     /// The next rows after the cursor, with their alerts: one query, as the user.
-    async fn read(&self) -> Result<Vec<LedgerRow>, sqlx::Error> {
+    async fn read_ledger(&self) -> Result<Vec<LedgerRow>, sqlx::Error> {
         sqlx::query_as!(
             LedgerRow,
             r#"select seq as "seq!", id as "id!", amount as "amount!",
@@ -352,4 +521,13 @@ impl LiveStream {
         .fetch_all(&self.state.pool)
         .await
     }
+}
+
+/// `credits_expiring` for each expiry within [`EXPIRING_NOTICE`] not announced yet.
+fn soon_expiring(list: &[Expiring], announced: &mut HashSet<DateTime<Utc>>) -> Vec<Event> {
+    let horizon = Utc::now() + EXPIRING_NOTICE;
+    list.iter()
+        .filter(|e| e.expires_at <= horizon && announced.insert(e.expires_at))
+        .map(|e| event("credits_expiring", e))
+        .collect()
 }

@@ -114,7 +114,7 @@ async fn a_stream_sees_a_spend_an_ad_reward_a_stripe_grant_and_an_admin_adjustme
     let (mut stream, balance) = open_stream(&app, &user).await;
     assert_eq!(
         balance.data,
-        json!({"credits": 10, "balance": {"available": 10}})
+        json!({"credits": 10, "balance": {"available": 10, "held": 0, "paid": 0, "promotional": 10, "expiring": []}})
     );
 
     spend(&app, &user, 3).await;
@@ -660,4 +660,121 @@ async fn browsers_of_allowed_origins_may_resume_with_last_event_id(
         .unwrap()
         .to_ascii_lowercase();
     assert!(allowed.contains("last-event-id"), "{allowed}");
+}
+
+#[sqlx::test]
+async fn holds_reach_the_stream_as_they_are_reserved_captured_released_and_lapse(
+    _pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = live_app(connect, test_config()).await;
+    let user = app.user().await;
+    app.grant(user.id, 20).await;
+    let service = service_role_key();
+    let before = app
+        .post(
+            "/v1/holds",
+            Some(&service),
+            json!({"user_id": user.id, "amount": 4, "reference": "gen-0"}),
+        )
+        .await;
+    assert_eq!(before.status, 201);
+
+    // The snapshot carries the Profile's balance, the hold from before included.
+    let (mut stream, balance) = open_stream(&app, &user).await;
+    assert_eq!(balance.data["credits"], 20);
+    assert_eq!(balance.data["balance"]["available"], 16);
+    assert_eq!(balance.data["balance"]["held"], 4);
+
+    let reserve = |amount: i32, ttl: i32, reference: &str| {
+        app.post(
+            "/v1/holds",
+            Some(&service),
+            json!({"user_id": user.id, "amount": amount, "ttl_seconds": ttl, "reference": reference}),
+        )
+    };
+    let first = reserve(5, 600, "gen-1").await;
+    let first_id = first.body["id"].as_str().unwrap().to_owned();
+    let event = stream.next().await.unwrap();
+    assert_eq!(event.name, "hold");
+    assert_eq!(event.data["id"], first_id);
+    assert_eq!(event.data["status"], "active");
+
+    // A capture: the hold's change and the spend it wrote, whose available balance counts the
+    // holds still active (the one from before).
+    let captured = app
+        .post(
+            &format!("/v1/holds/{first_id}/capture"),
+            Some(&service),
+            json!({"amount": 3}),
+        )
+        .await;
+    assert_eq!(captured.status, 200);
+    let events = stream.take(2).await;
+    let mut names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["hold", "transaction"]);
+    let transaction = events.iter().find(|e| e.name == "transaction").unwrap();
+    assert_eq!(transaction.data["amount"], -3);
+    assert_eq!(transaction.data["balance"]["available"], 13);
+    let hold = events.iter().find(|e| e.name == "hold").unwrap();
+    assert_eq!(hold.data["status"], "captured");
+
+    let released = app
+        .post(
+            &format!("/v1/holds/{}/release", before.body["id"].as_str().unwrap()),
+            Some(&service),
+            json!({}),
+        )
+        .await;
+    assert_eq!(released.status, 200);
+    let event = stream.next().await.unwrap();
+    assert_eq!(
+        (event.name.as_str(), &event.data["status"]),
+        ("hold", &json!("released"))
+    );
+
+    // A hold that lapses changes no row: the stream notices the time itself.
+    let short = reserve(2, 1, "gen-2").await;
+    assert_eq!(short.status, 201);
+    let event = stream.next().await.unwrap();
+    assert_eq!(event.data["status"], "active");
+    let event = stream.next().await.unwrap();
+    assert_eq!(event.name, "hold");
+    assert_eq!(event.data["id"], short.body["id"]);
+    assert_eq!(event.data["status"], "expired");
+}
+
+#[sqlx::test]
+async fn credits_about_to_expire_are_announced_once(
+    _pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = live_app(connect, test_config()).await;
+    let user = app.user().await;
+    sqlx::query("select public.add_credits($1, 6, 'admin', 'soon', null, public.clock_now() + interval '2 days')")
+        .bind(user.id)
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    sqlx::query("select public.add_credits($1, 9, 'admin', 'later', null, public.clock_now() + interval '60 days')")
+        .bind(user.id)
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    let (mut stream, _) = open_stream(&app, &user).await;
+    let event = stream.next().await.unwrap();
+    assert_eq!(event.name, "credits_expiring");
+    assert_eq!(event.data["amount"], 6);
+
+    // A new grant that expires soon is announced after its transaction; the old one is not again.
+    sqlx::query("select public.add_credits($1, 2, 'admin', 'tomorrow', null, public.clock_now() + interval '1 day')")
+        .bind(user.id)
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    let events = stream.take(2).await;
+    assert_eq!(events[0].name, "transaction");
+    assert_eq!(events[1].name, "credits_expiring");
+    assert_eq!(events[1].data["amount"], 2);
 }
