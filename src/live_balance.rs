@@ -174,7 +174,7 @@ fn event(name: &str, data: &impl Serialize) -> Event {
         ("Last-Event-ID" = Option<String>, Header, description = "The `id:` of the last event received: the stream sends the ledger rows after it, or `reset` when they are too far back"),
     ),
     responses(
-        (status = 200, description = "An endless event stream: `balance` first, then `transaction` (with `id:`), `low_balance`, `balance_recovered`, `reset` and `token_expired`, each `data:` one JSON object; a `:` comment after 15 s of quiet", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An endless event stream: `balance` first, then `transaction` (with `id:`), `low_balance`, `balance_recovered`, `hold`, `credits_expiring`, `reset` and `token_expired`, each `data:` one JSON object; a `:` comment after 15 s of quiet", content_type = "text/event-stream", body = String),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No profile for this user (`profile_not_found`)", body = Problem, content_type = "application/problem+json"),
