@@ -82,6 +82,24 @@ def write_tokens(path: Path, numbers, now: int) -> Path:
     return path
 
 
+def service_token(now: int) -> str:
+    return jwt({"aud": "authenticated", "exp": now + 6 * 3600, "iat": now, "sub": user_id(0),
+                "role": "service_role"})
+
+
+def write_hold_users(path: Path, numbers, now: int) -> Path:
+    """The service_role token on the first line (holds are the generation backend's), then the
+    user ids to reserve for."""
+    path.write_text(service_token(now) + "\n" + "".join(f"{user_id(n)}\n" for n in numbers))
+    return path
+
+
+def lots_users(users: int) -> range:
+    """The users whose balance is 20 live lots (the last tenth, at most 1,000)."""
+    count = max(1, min(1000, users // 10))
+    return range(users - count + 1, users + 1)
+
+
 def write_user_tokens(path: Path, numbers, now: int) -> Path:
     """"<user id>\t<token>" lines: scenario.lua finds a session's caller by the user id that the
     session's body names."""
@@ -137,8 +155,28 @@ def seed(db: Database, users: int, history_users: int, filler_rows: int) -> None
         update public.profiles set credits = {BALANCE} + 999
          where id in (select ('00000000-0000-4000-8000-' || lpad(n::text, 12, '0'))::uuid
                         from generate_series(1, {history_users}) n);
+        -- Every balance is lots (docs/api.md, "Lots and expiry"): one never-expiring lot each.
+        insert into public.credit_lots (user_id, source, amount, remaining, priority, expires_at)
+        select id, 'system', credits, credits, 20, null from public.profiles where credits > 0;
         insert into public.credit_packs (id, name, credits, kind, stripe_price_id, unit_amount, currency, active)
         values ('{PACK_ID}', 'Bench pack', 100, 'one_time', 'price_bench', 999, 'usd', true);
+    """)
+    lots = lots_users(users)
+    log(f"giving users {lots.start}..{lots.stop - 1} 20 live lots each")
+    db.psql(f"""
+        -- Their balance as 20 lots of mixed priorities and expiries (all in the future); the
+        -- sum is the balance, so the ledger invariant holds.
+        delete from public.credit_lots
+         where user_id in (select ('00000000-0000-4000-8000-' || lpad(n::text, 12, '0'))::uuid
+                             from generate_series({lots.start}, {lots.stop - 1}) n);
+        insert into public.credit_lots (user_id, source, amount, remaining, priority, expires_at)
+        select p.id, case when g % 2 = 0 then 'ad_view' else 'admin' end,
+               case when g = 20 then p.credits - 19 * (p.credits / 20) else p.credits / 20 end,
+               case when g = 20 then p.credits - 19 * (p.credits / 20) else p.credits / 20 end,
+               10 + (g % 3) * 10, case when g % 4 = 0 then null else now() + g * interval '1 day' end
+          from public.profiles p, generate_series(1, 20) g
+         where p.id in (select ('00000000-0000-4000-8000-' || lpad(n::text, 12, '0'))::uuid
+                          from generate_series({lots.start}, {lots.stop - 1}) n);
     """)
     add_filler(db, users, history_users, filler_rows)
 
@@ -338,8 +376,14 @@ SCENARIOS = {
     "ad_session": {"title": "POST /v1/ads/sessions + …/complete", "path": "/v1/ads/sessions",
                    "mode": "ad_session", "users": "thirds", "requests_per_transaction": 2},
     "webhook": {"title": "POST /v1/webhooks/stripe", "path": "/v1/webhooks/stripe", "mode": "webhook", "users": "all"},
+    # A spend over a balance of 20 live lots: compare with `spend` in the same run.
+    "spend_lots": {"title": "POST /v1/credits/spend (20 lots)", "path": "/v1/credits/spend", "mode": "spend",
+                   "users": "lots", "pgbench": False},
+    # The generation backend: reserve 1 credit, then capture it; both requests count.
+    "reserve_capture": {"title": "POST /v1/holds + …/capture", "path": "/v1/holds", "mode": "hold",
+                        "users": "all", "requests_per_transaction": 2, "pgbench": False},
 }
-WRITES = {"spend", "spend_hot", "ad_view", "ad_session", "webhook"}
+WRITES = {"spend", "spend_hot", "ad_view", "ad_session", "webhook", "spend_lots", "reserve_capture"}
 
 
 def scenario_inputs(name: str, spec: dict, args, work: Path, now: int):
@@ -351,6 +395,11 @@ def scenario_inputs(name: str, spec: dict, args, work: Path, now: int):
         return path, {}
     if spec["users"] == "history":
         return write_tokens(work / f"{name}.tokens", range(1, history + 1), now), {"first": 1, "last": history}
+    if spec["users"] == "lots":
+        lots = lots_users(users)
+        return write_tokens(work / f"{name}.tokens", lots, now), {"first": lots.start, "last": lots.stop - 1}
+    if spec["mode"] == "hold":
+        return write_hold_users(work / f"{name}.users", range(1, users + 1), now), {"first": 1, "last": users}
     if spec["users"] == "one":
         return write_tokens(work / f"{name}.tokens", [1], now), {"first": 1, "last": 1}
     if spec["users"] == "thirds":

@@ -3,7 +3,7 @@
 -- Arguments (after `--`): <mode> <file> <threads>
 --   mode: plain (GET path, no token), get (GET path with a random token), spend, ad_view (POST with a JSON body),
 --         ad_session (open an ad session, then complete it), webhook (pre-signed Stripe
---         events, one per request)
+--         events, one per request), hold (reserve a credit, then capture it)
 --   file: tokens, one per line (token modes), "<user id>\t<token>" lines (ad_session) or
 --         "<signature>\t<body>" lines (webhook)
 -- The path comes from the URL given to wrk.
@@ -24,6 +24,10 @@ local users = {}      -- user ids, in file order
 local busy = {}       -- user id -> true while a session of theirs is unfinished
 local ready = {}      -- completions to send: { session id, user id }, first in first out
 local ready_head, ready_tail = 1, 0
+-- hold: the holds reserved and not yet captured, first in first out.
+local hold_token
+local captures = {}
+local captures_head, captures_tail = 1, 0
 
 function setup(thread)
   thread:set("id", thread_id)
@@ -36,7 +40,10 @@ function init(args)
   for line in io.lines(args[2]) do
     lines[#lines + 1] = line
   end
-  if mode ~= "ad_session" then
+  if mode == "hold" then
+    -- The service_role token, then the users to reserve for.
+    hold_token = table.remove(lines, 1)
+  elseif mode ~= "ad_session" then
     -- wrk reads bodies only when the script has a response(); the other modes need none.
     response = nil
   else
@@ -96,6 +103,14 @@ local function ad_session_request()
 end
 
 function response(status, headers, body)
+  if mode == "hold" then
+    local hold = status == 201 and body:match('^{"id":"([%x%-]+)"')
+    if hold then
+      captures_tail = captures_tail + 1
+      captures[captures_tail] = hold
+    end
+    return
+  end
   if mode ~= "ad_session" or status ~= 201 then
     return
   end
@@ -113,9 +128,28 @@ function response(status, headers, body)
   end
 end
 
+local function hold_request()
+  local headers = {
+    ["Authorization"] = "Bearer " .. hold_token,
+    ["Content-Type"] = "application/json",
+  }
+  if captures_head <= captures_tail then
+    local hold = captures[captures_head]
+    captures[captures_head] = nil
+    captures_head = captures_head + 1
+    return wrk.format("POST", path .. "/" .. hold .. "/capture", headers, '{}')
+  end
+  local user = lines[math.random(#lines)]
+  return wrk.format("POST", path, headers,
+    '{"user_id": "' .. user .. '", "amount": 1, "ttl_seconds": 600, "reference": "bench"}')
+end
+
 function request()
   if mode == "ad_session" then
     return ad_session_request()
+  end
+  if mode == "hold" then
+    return hold_request()
   end
   if mode == "webhook" then
     local line = next_line()
