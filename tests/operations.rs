@@ -838,18 +838,25 @@ async fn clients_that_hang_up_leave_no_transaction_open(
     })
     .await;
 
-    // Handlers finish what they started (the spends queue on the user's row); a transaction
-    // abandoned half-way would stay open for good.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // Handlers finish what they started (the spends queue on the user's row, hundreds of them
+    // on a loaded machine); a transaction abandoned half-way would stay open for good. Wait
+    // until the service's connections have all gone idle, seen on three polls in a row, then
+    // count the ones still inside a transaction.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut quiet_polls = 0;
     let stuck = loop {
-        let open: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity
-              where datname = current_database() and state like 'idle in transaction%'",
+        let (busy, open): (i64, i64) = sqlx::query_as(
+            "select count(*) filter (where state <> 'idle'),
+                    count(*) filter (where state like 'idle in transaction%')
+               from pg_stat_activity
+              where datname = current_database() and pid <> pg_backend_pid()
+                and backend_type = 'client backend'",
         )
         .fetch_one(&app.owner)
         .await
         .unwrap();
-        if open == 0 || std::time::Instant::now() > deadline {
+        quiet_polls = if busy == open { quiet_polls + 1 } else { 0 };
+        if quiet_polls >= 3 || std::time::Instant::now() > deadline {
             break open;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
