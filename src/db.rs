@@ -10,20 +10,24 @@
 //! statement is used after its transaction (those left behind are deallocated when the next
 //! transaction begins on that server connection).
 
+use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use sqlx::postgres::{
-    PgConnectOptions, PgPoolOptions, PgQueryResult, PgRow, PgStatement, PgTypeInfo,
+    PgConnectOptions, PgQueryResult, PgRow, PgStatement, PgTransactionManager, PgTypeInfo,
 };
 use sqlx::{
-    Connection, Describe, Either, Execute, Executor, PgConnection, PgPool, Postgres, Transaction,
+    Connection, Describe, Either, Execute, Executor, PgConnection, Postgres, TransactionManager,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::PoolMode;
 use crate::error::{ApiError, ApiResult};
@@ -102,7 +106,7 @@ pub async fn connect(
     options: PgConnectOptions,
     max_connections: u32,
     statement_timeout: Duration,
-) -> anyhow::Result<PgPool> {
+) -> anyhow::Result<ServicePool> {
     connect_in_mode(
         options,
         max_connections,
@@ -112,75 +116,39 @@ pub async fn connect(
     .await
 }
 
-/// The service's pool for `DATABASE_POOL_MODE`. In transaction mode the connections carry no
-/// session state (no `set role`, no prepared statement kept in a cache): [`ServicePool`] sets
-/// the role and the time limit in every transaction instead.
+/// The service's pool for `DATABASE_POOL_MODE`, with one connection opened to prove the
+/// settings. In transaction mode the connections carry no session state (no `set role`, no
+/// prepared statement kept in a cache): [`ServicePool`] sets the role and the time limit in
+/// every transaction instead.
 pub async fn connect_in_mode(
     options: PgConnectOptions,
     max_connections: u32,
     statement_timeout: Duration,
     mode: PoolMode,
-) -> anyhow::Result<PgPool> {
-    let pool = match mode {
-        PoolMode::Session => pool_options(max_connections, Some(statement_timeout)),
-        PoolMode::Transaction => pool_options(max_connections, None),
-    };
-    let options = match mode {
-        PoolMode::Session => options,
-        // No statement is kept for a later transaction, which may run on another server
-        // connection where it does not exist (or where another client's statement of the
-        // same name does).
-        PoolMode::Transaction => options.statement_cache_capacity(0),
-    };
-    Ok(pool.connect_with(options).await?)
+) -> anyhow::Result<ServicePool> {
+    let pool = ServicePool::lazy(options, max_connections, statement_timeout, mode);
+    let mut first = pool.acquire().await?;
+    first.finished();
+    Ok(pool)
 }
 
 /// A connection idle for longer than this is pinged before it is handed out.
 pub const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
-
-/// With `statement_timeout`, each new connection takes the role and the limit for its whole
-/// session (session mode); without, it is left as it connected (transaction mode).
-fn pool_options(max_connections: u32, statement_timeout: Option<Duration>) -> PgPoolOptions {
-    // One round trip for both settings (the simple query protocol takes several statements).
-    let session = statement_timeout.map(|timeout| {
-        format!(
-            "set role service_role; set statement_timeout = {}",
-            timeout.as_millis()
-        )
-    });
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        // A ping before every checkout would add a round trip to every request. A connection
-        // in steady use is known to be alive; one that sat idle may have been cut while it
-        // waited (a restart of PostgreSQL, a pooler or a firewall dropping it), so it is
-        // pinged first, and replaced when the ping fails. A connection that dies in use fails
-        // its request (a 503) and is dropped when it comes back: sqlx pings on release.
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= IDLE_PING_AFTER {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
-        })
-        .after_connect(move |conn, _meta| {
-            let session = session.clone();
-            Box::pin(async move {
-                if let Some(session) = session {
-                    conn.execute(session.as_str()).await?;
-                }
-                Ok(())
-            })
-        })
-}
+/// How long a request waits for a connection (a free one, or a new one to open).
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection idle for longer than this is closed: a quiet service holds few.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// A connection older than this is closed when it comes back, and a new one opened in its
+/// place when needed (the server's memory for a session grows with what it ran).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(1800);
+/// How long a connection that came back in an unknown state gets to prove itself (a ping,
+/// which also sends a rollback the connection has queued) before it is closed.
+const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The pool every query of the service goes through, whatever `DATABASE_POOL_MODE` says.
 ///
 /// - `session`: the connections took the role and the time limit when they connected, and
-///   keep their prepared statements: a query is one round trip (Bind/Execute/Sync), as with a
-///   plain [`PgPool`].
+///   keep their prepared statements: a query is one round trip (Bind/Execute/Sync).
 /// - `transaction`: a query on the pool runs in a transaction of its own, begun with
 ///   `set local role service_role` and `set local statement_timeout` and committed before the
 ///   answer is returned (four round trips: begin, Parse, Bind/Execute, commit; sqlx sends
@@ -189,47 +157,360 @@ fn pool_options(max_connections: u32, statement_timeout: Option<Duration>) -> Pg
 ///   Prepared statements are not cached (`statement_cache_capacity(0)`), and those a
 ///   transaction leaves behind are deallocated when the next one begins on that server
 ///   connection, so none is ever found under another client's name.
-#[derive(Clone, Debug)]
+///
+/// A connection goes back to the pool without a further round trip when the work on it ran
+/// to its end ([`ServiceConnection::finished`], which the pool's own queries and a committed
+/// [`ServiceTransaction`] call). One that comes back any other way (an error, a request
+/// abandoned half-way, a transaction dropped without commit) is pinged first, which also sends
+/// the rollback it has queued, and closed when that fails. A connection idle for
+/// [`IDLE_PING_AFTER`] is pinged before it is handed out: a restart or a pooler may have cut it.
+/// Waiters are served first come, first served.
+#[derive(Clone)]
 pub struct ServicePool {
-    pool: PgPool,
+    shared: Arc<PoolShared>,
+}
+
+struct PoolShared {
+    options: PgConnectOptions,
     mode: PoolMode,
-    /// What begins a transaction in transaction mode (shared: the pool is cloned per query).
-    begin: Arc<str>,
+    /// Run once on every new connection (session mode): the role and the time limit.
+    session: Option<String>,
+    /// What begins a transaction in transaction mode (`None`: a plain `BEGIN`).
+    begin: Option<Cow<'static, str>>,
+    max_connections: u32,
+    permits: Arc<Semaphore>,
+    /// Connections ready for use; the most recently used last (handed out first, so a quiet
+    /// pool lets the others reach [`IDLE_TIMEOUT`]).
+    idle: Mutex<VecDeque<Idle>>,
+    /// Open connections, idle or in use.
+    open: Arc<AtomicU32>,
+    closed: AtomicBool,
+}
+
+struct Idle {
+    conn: Live,
+    since: Instant,
+}
+
+/// An open connection, counted in [`PoolShared::open`] while it exists.
+struct Live {
+    conn: PgConnection,
+    born: Instant,
+    _counted: Counted,
+}
+
+impl std::fmt::Debug for ServicePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServicePool")
+            .field("mode", &self.shared.mode)
+            .field("max_connections", &self.shared.max_connections)
+            .field("open", &self.size())
+            .field("idle", &self.num_idle())
+            .finish()
+    }
 }
 
 impl ServicePool {
-    /// `pool` comes from [`connect_in_mode`] with the same `mode`.
-    pub fn new(pool: PgPool, mode: PoolMode, statement_timeout: Duration) -> Self {
-        let begin = format!(
-            "begin; set local role service_role; set local statement_timeout = {}; deallocate all",
-            statement_timeout.as_millis()
-        );
+    /// A pool that opens its connections when they are first needed.
+    pub fn lazy(
+        options: PgConnectOptions,
+        max_connections: u32,
+        statement_timeout: Duration,
+        mode: PoolMode,
+    ) -> Self {
+        let timeout = statement_timeout.as_millis();
+        let (options, session, begin) = match mode {
+            // One round trip for both settings (the simple query protocol takes several
+            // statements).
+            PoolMode::Session => (
+                options,
+                Some(format!(
+                    "set role service_role; set statement_timeout = {timeout}"
+                )),
+                None,
+            ),
+            // No statement is kept for a later transaction, which may run on another server
+            // connection where it does not exist (or where another client's statement of the
+            // same name does).
+            PoolMode::Transaction => (
+                options.statement_cache_capacity(0),
+                None,
+                Some(Cow::Owned(format!(
+                    "begin; set local role service_role; set local statement_timeout = {timeout}; \
+                     deallocate all"
+                ))),
+            ),
+        };
         ServicePool {
-            pool,
-            mode,
-            begin: Arc::from(begin),
+            shared: Arc::new(PoolShared {
+                options,
+                mode,
+                session,
+                begin,
+                max_connections,
+                permits: Arc::new(Semaphore::new(max_connections as usize)),
+                idle: Mutex::new(VecDeque::new()),
+                open: Arc::new(AtomicU32::new(0)),
+                closed: AtomicBool::new(false),
+            }),
         }
     }
 
     pub fn mode(&self) -> PoolMode {
-        self.mode
+        self.shared.mode
     }
 
-    /// The pool underneath, for its size and settings.
-    pub fn inner(&self) -> &PgPool {
-        &self.pool
+    /// Open connections, idle or in use.
+    pub fn size(&self) -> u32 {
+        self.shared.open.load(Ordering::Relaxed)
     }
 
-    /// A transaction acting as `service_role` under the statement time limit.
-    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        match self.mode {
-            PoolMode::Session => self.pool.begin().await,
-            PoolMode::Transaction => self.pool.begin_with(self.begin.to_string()).await,
+    /// Connections waiting for work.
+    pub fn num_idle(&self) -> usize {
+        self.shared.idle().len()
+    }
+
+    pub fn max_connections(&self) -> u32 {
+        self.shared.max_connections
+    }
+
+    /// A connection of the pool, acting as `service_role` in session mode (in transaction
+    /// mode, only inside [`ServiceConnection::begin`]). Waits [`ACQUIRE_TIMEOUT`] at most.
+    pub async fn acquire(&self) -> Result<ServiceConnection, sqlx::Error> {
+        tokio::time::timeout(ACQUIRE_TIMEOUT, self.acquire_now())
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+    }
+
+    async fn acquire_now(&self) -> Result<ServiceConnection, sqlx::Error> {
+        let permit = Arc::clone(&self.shared.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        loop {
+            let Some(Idle { mut conn, since }) = self.shared.idle().pop_back() else {
+                break;
+            };
+            if since.elapsed() < IDLE_PING_AFTER || conn.conn.ping().await.is_ok() {
+                return Ok(self.hand_out(conn, permit));
+            }
+            // Cut while it waited; the next one may have been too.
+        }
+        let conn = self.shared.open().await?;
+        Ok(self.hand_out(conn, permit))
+    }
+
+    /// A transaction acting as `service_role` under the statement time limit, on a connection
+    /// of its own.
+    pub async fn begin(&self) -> Result<ServiceTransaction, sqlx::Error> {
+        self.acquire().await?.begin().await
+    }
+
+    /// Closes the idle connections and every connection that comes back; waiters and later
+    /// callers get [`sqlx::Error::PoolClosed`].
+    pub async fn close(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.shared.permits.close();
+        let idle: Vec<Idle> = self.shared.idle().drain(..).collect();
+        for Idle { conn, .. } in idle {
+            conn.close().await;
         }
     }
 
-    pub async fn close(&self) {
-        self.pool.close().await;
+    fn hand_out(&self, conn: Live, permit: OwnedSemaphorePermit) -> ServiceConnection {
+        ServiceConnection {
+            conn: Some(conn),
+            permit: Some(permit),
+            shared: Arc::clone(&self.shared),
+            finished: false,
+        }
+    }
+}
+
+impl PoolShared {
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn open(&self) -> Result<Live, sqlx::Error> {
+        let mut conn = PgConnection::connect_with(&self.options).await?;
+        if let Some(session) = &self.session {
+            conn.execute(session.as_str()).await?;
+        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok(Live {
+            conn,
+            born: Instant::now(),
+            _counted: Counted(Arc::clone(&self.open)),
+        })
+    }
+
+    /// Puts a connection in a known state back among the idle ones (or closes it, when the
+    /// pool is closed), and closes the longest idle one when it has waited too long.
+    fn park(&self, conn: Live) {
+        let stale = {
+            let mut idle = self.idle();
+            if self.closed.load(Ordering::SeqCst) {
+                Some(conn)
+            } else {
+                idle.push_back(Idle {
+                    conn,
+                    since: Instant::now(),
+                });
+                match idle.front() {
+                    Some(oldest) if oldest.since.elapsed() > IDLE_TIMEOUT => {
+                        idle.pop_front().map(|idle| idle.conn)
+                    }
+                    _ => None,
+                }
+            }
+        };
+        if let Some(stale) = stale {
+            spawn_or_drop(stale.close());
+        }
+    }
+}
+
+/// Counts an open connection in [`PoolShared::open`] for as long as it exists.
+struct Counted(Arc<AtomicU32>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Live {
+    /// Says goodbye to the server (a Terminate message) rather than just hanging up.
+    async fn close(self) {
+        let Live { conn, _counted, .. } = self;
+        conn.close().await.ok();
+    }
+}
+
+/// Runs `work` on the current runtime; outside one (a process shutting down), drops it.
+fn spawn_or_drop(work: impl Future<Output = ()> + Send + 'static) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(work);
+    }
+}
+
+/// A connection taken from a [`ServicePool`]; it goes back when dropped. Acts as a
+/// [`PgConnection`] (for `sqlx` queries: `&mut *conn`).
+pub struct ServiceConnection {
+    conn: Option<Live>,
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Arc<PoolShared>,
+    /// Set by [`ServiceConnection::finished`], cleared by any use of the connection.
+    finished: bool,
+}
+
+impl ServiceConnection {
+    /// Says the work on this connection ran to its end (every answer read, no transaction
+    /// open): it goes back to the pool as it is, without a round trip to check it. Any later
+    /// use of the connection takes this back.
+    pub fn finished(&mut self) {
+        self.finished = true;
+    }
+
+    /// Begins a transaction acting as `service_role` under the statement time limit.
+    pub async fn begin(mut self) -> Result<ServiceTransaction, sqlx::Error> {
+        let statement = self.shared.begin.clone();
+        PgTransactionManager::begin(&mut self, statement).await?;
+        Ok(ServiceTransaction { conn: self })
+    }
+
+    fn live(&self) -> &Live {
+        self.conn
+            .as_ref()
+            .expect("a connection is present until dropped")
+    }
+}
+
+impl std::ops::Deref for ServiceConnection {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.live().conn
+    }
+}
+
+impl std::ops::DerefMut for ServiceConnection {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.finished = false;
+        &mut self
+            .conn
+            .as_mut()
+            .expect("a connection is present until dropped")
+            .conn
+    }
+}
+
+impl Drop for ServiceConnection {
+    fn drop(&mut self) {
+        let Some(mut live) = self.conn.take() else {
+            return;
+        };
+        // Released only once the connection is idle again (or closed): a waiter finds it.
+        let permit = self.permit.take();
+        let shared = Arc::clone(&self.shared);
+        let in_transaction = PgTransactionManager::get_transaction_depth(&live.conn) > 0;
+        if live.born.elapsed() >= MAX_LIFETIME {
+            spawn_or_drop(async move {
+                live.close().await;
+                drop(permit);
+            });
+        } else if self.finished && !in_transaction {
+            shared.park(live);
+        } else {
+            // An error, a request abandoned half-way, or a transaction neither committed nor
+            // rolled back: send the rollback and see that the connection still answers.
+            while PgTransactionManager::get_transaction_depth(&live.conn) > 0 {
+                PgTransactionManager::start_rollback(&mut live.conn);
+            }
+            spawn_or_drop(async move {
+                let reset = tokio::time::timeout(RESET_TIMEOUT, live.conn.ping()).await;
+                if matches!(reset, Ok(Ok(()))) {
+                    shared.park(live);
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// A transaction on a connection of its own, from [`ServicePool::begin`]. Dropped without
+/// [`commit`](Self::commit), it is rolled back. Acts as a [`PgConnection`] (`&mut *tx`);
+/// `(&mut *tx).begin()` opens a savepoint.
+pub struct ServiceTransaction {
+    conn: ServiceConnection,
+}
+
+impl ServiceTransaction {
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        PgTransactionManager::commit(&mut self.conn).await?;
+        self.conn.finished();
+        Ok(())
+    }
+
+    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        PgTransactionManager::rollback(&mut self.conn).await?;
+        self.conn.finished();
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for ServiceTransaction {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for ServiceTransaction {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
     }
 }
 
@@ -244,20 +525,27 @@ impl<'p> Executor<'p> for &'_ ServicePool {
         'p: 'e,
         E: 'q + Execute<'q, Postgres>,
     {
-        match self.mode {
-            PoolMode::Session => self.pool.fetch_many(query),
-            PoolMode::Transaction => {
-                let pool = self.clone();
-                futures_util::stream::once(async move {
-                    let mut tx = pool.begin().await?;
-                    let steps: Vec<_> = tx.fetch_many(query).try_collect().await?;
+        let pool = self.clone();
+        futures_util::stream::once(async move {
+            let conn = pool.acquire().await?;
+            let steps: Vec<_> = match pool.mode() {
+                PoolMode::Session => {
+                    let mut conn = conn;
+                    let steps = conn.fetch_many(query).try_collect().await?;
+                    conn.finished();
+                    steps
+                }
+                PoolMode::Transaction => {
+                    let mut tx = conn.begin().await?;
+                    let steps = tx.fetch_many(query).try_collect().await?;
                     tx.commit().await?;
-                    Ok::<_, sqlx::Error>(futures_util::stream::iter(steps.into_iter().map(Ok)))
-                })
-                .try_flatten()
-                .boxed()
-            }
-        }
+                    steps
+                }
+            };
+            Ok::<_, sqlx::Error>(futures_util::stream::iter(steps.into_iter().map(Ok)))
+        })
+        .try_flatten()
+        .boxed()
     }
 
     fn fetch_optional<'e, 'q: 'e, E>(
@@ -268,18 +556,24 @@ impl<'p> Executor<'p> for &'_ ServicePool {
         'p: 'e,
         E: 'q + Execute<'q, Postgres>,
     {
-        match self.mode {
-            PoolMode::Session => self.pool.fetch_optional(query),
-            PoolMode::Transaction => {
-                let pool = self.clone();
-                Box::pin(async move {
-                    let mut tx = pool.begin().await?;
+        let pool = self.clone();
+        Box::pin(async move {
+            let conn = pool.acquire().await?;
+            match pool.mode() {
+                PoolMode::Session => {
+                    let mut conn = conn;
+                    let row = conn.fetch_optional(query).await?;
+                    conn.finished();
+                    Ok(row)
+                }
+                PoolMode::Transaction => {
+                    let mut tx = conn.begin().await?;
                     let row = tx.fetch_optional(query).await?;
                     tx.commit().await?;
                     Ok(row)
-                })
+                }
             }
-        }
+        })
     }
 
     fn prepare_with<'e, 'q: 'e>(
@@ -290,7 +584,13 @@ impl<'p> Executor<'p> for &'_ ServicePool {
     where
         'p: 'e,
     {
-        self.pool.prepare_with(sql, parameters)
+        let pool = self.clone();
+        Box::pin(async move {
+            let mut conn = pool.acquire().await?;
+            let statement = conn.prepare_with(sql, parameters).await?;
+            conn.finished();
+            Ok(statement)
+        })
     }
 
     fn describe<'e, 'q: 'e>(
@@ -300,7 +600,13 @@ impl<'p> Executor<'p> for &'_ ServicePool {
     where
         'p: 'e,
     {
-        self.pool.describe(sql)
+        let pool = self.clone();
+        Box::pin(async move {
+            let mut conn = pool.acquire().await?;
+            let described = conn.describe(sql).await?;
+            conn.finished();
+            Ok(described)
+        })
     }
 }
 

@@ -19,11 +19,10 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::PgConnection;
 
 use crate::config::PoolMode;
-use crate::db::ServicePool;
+use crate::db::{ServiceConnection, ServicePool, ServiceTransaction};
 use crate::error::{ApiError, ApiResult};
 use crate::limits;
 
@@ -116,8 +115,8 @@ pub struct Processing {
 }
 
 enum Conn {
-    Plain(PoolConnection<Postgres>),
-    Claimed(Transaction<'static, Postgres>),
+    Plain(ServiceConnection),
+    Claimed(ServiceTransaction),
 }
 
 impl Processing {
@@ -138,7 +137,7 @@ impl Processing {
                 tx.commit().await?;
             }
             (Conn::Claimed(tx), None) => tx.commit().await?,
-            (Conn::Plain(_), _) => {}
+            (Conn::Plain(mut conn), _) => conn.finished(),
         }
         Ok(stored.into_response(false))
     }
@@ -153,7 +152,7 @@ pub async fn try_processing(
 ) -> ApiResult<Claim<Processing>> {
     let Some(key) = key else {
         let conn = match pool.mode() {
-            PoolMode::Session => Conn::Plain(pool.inner().acquire().await?),
+            PoolMode::Session => Conn::Plain(pool.acquire().await?),
             PoolMode::Transaction => Conn::Claimed(pool.begin().await?),
         };
         return Ok(Claim::Start(Processing { conn, record: None }));

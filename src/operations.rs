@@ -115,14 +115,12 @@ async fn scrape(State(state): State<AppState>, headers: axum::http::HeaderMap) -
             return ApiError::InvalidToken("this scrape needs METRICS_TOKEN").into_response();
         }
     }
-    let size = state.pool.inner().size();
-    let idle = state.pool.inner().num_idle() as u32;
+    let size = state.pool.size();
+    let idle = state.pool.num_idle() as u32;
     metrics::gauge!("db_pool_connections", "state" => "idle").set(f64::from(idle));
     metrics::gauge!("db_pool_connections", "state" => "in_use")
         .set(f64::from(size.saturating_sub(idle)));
-    metrics::gauge!("db_pool_max_connections").set(f64::from(
-        state.pool.inner().options().get_max_connections(),
-    ));
+    metrics::gauge!("db_pool_max_connections").set(f64::from(state.pool.max_connections()));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use axum::extract::FromRef;
 use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::PgPool;
 
 use crate::db::ServicePool;
 
@@ -55,12 +54,7 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// `pool` should come from [`crate::db::connect_in_mode`] with `config.database_pool_mode`
     /// (or [`crate::db::connect`] in session mode), whose connections act as `service_role`.
-    pub fn new(config: Config, pool: PgPool) -> Self {
-        let pool = ServicePool::new(
-            pool,
-            config.database_pool_mode,
-            config.database_statement_timeout,
-        );
+    pub fn new(config: Config, pool: ServicePool) -> Self {
         install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))

