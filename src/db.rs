@@ -25,7 +25,8 @@ use sqlx::postgres::{
     PgConnectOptions, PgQueryResult, PgRow, PgStatement, PgTransactionManager, PgTypeInfo,
 };
 use sqlx::{
-    Connection, Describe, Either, Execute, Executor, PgConnection, Postgres, TransactionManager,
+    Connection, Describe, Either, Execute, Executor, PgConnection, Postgres, Row,
+    TransactionManager,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -141,8 +142,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// A connection older than this is closed when it comes back, and a new one opened in its
 /// place when needed (the server's memory for a session grows with what it ran).
 pub const MAX_LIFETIME: Duration = Duration::from_secs(1800);
-/// How long a connection that came back in an unknown state gets to prove itself (a ping,
-/// which also sends a rollback the connection has queued) before it is closed.
+/// How long a connection that came back in an unknown state gets to be reset ([`reset`])
+/// before it is closed.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The pool every query of the service goes through, whatever `DATABASE_POOL_MODE` says.
@@ -161,8 +162,8 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection goes back to the pool without a further round trip when the work on it ran
 /// to its end ([`ServiceConnection::finished`], which the pool's own queries and a committed
 /// [`ServiceTransaction`] call). One that comes back any other way (an error, a request
-/// abandoned half-way, a transaction dropped without commit) is pinged first, which also sends
-/// the rollback it has queued, and closed when that fails. A connection idle for
+/// abandoned half-way, a transaction dropped without commit) is reset first (its transaction
+/// rolled back, [`reset`]), and closed when that fails. A connection idle for
 /// [`IDLE_PING_AFTER`] is pinged before it is handed out: a restart or a pooler may have cut it.
 /// Waiters are served first come, first served.
 #[derive(Clone)]
@@ -464,12 +465,12 @@ impl Drop for ServiceConnection {
             shared.park(live);
         } else {
             // An error, a request abandoned half-way, or a transaction neither committed nor
-            // rolled back: send the rollback and see that the connection still answers.
+            // rolled back: queue the rollback, and reset the connection before reuse.
             while PgTransactionManager::get_transaction_depth(&live.conn) > 0 {
                 PgTransactionManager::start_rollback(&mut live.conn);
             }
             spawn_or_drop(async move {
-                let reset = tokio::time::timeout(RESET_TIMEOUT, live.conn.ping()).await;
+                let reset = tokio::time::timeout(RESET_TIMEOUT, reset(&mut live.conn)).await;
                 if matches!(reset, Ok(Ok(()))) {
                     shared.park(live);
                 }
@@ -477,6 +478,28 @@ impl Drop for ServiceConnection {
             });
         }
     }
+}
+
+/// Brings a connection given back in an unknown state to a known one, or fails: sends what
+/// it has queued (a rollback), and rolls back a transaction the server still has open that
+/// the connection lost track of (sqlx counts a `BEGIN` only once its answer is read, so one
+/// abandoned in flight leaves the server inside a transaction with nothing queued to end it).
+/// One round trip when no transaction is open: the first statement of a transaction is the
+/// only one whose `now()` equals its `statement_timestamp()`.
+fn reset(conn: &mut PgConnection) -> BoxFuture<'_, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        let outside_transaction = match conn.fetch_one("select now() = statement_timestamp()").await
+        {
+            Ok(row) => row.try_get::<bool, _>(0)?,
+            // An aborted transaction refuses every statement until it is rolled back.
+            Err(sqlx::Error::Database(_)) => false,
+            Err(e) => return Err(e),
+        };
+        if !outside_transaction {
+            conn.execute("rollback").await?;
+        }
+        Ok(())
+    })
 }
 
 /// A transaction on a connection of its own, from [`ServicePool::begin`]. Dropped without

@@ -145,6 +145,23 @@ async fn work_abandoned_half_way_is_rolled_back_and_its_connection_reset_before_
         assert!(free, "{mode:?}: the abandoned transaction was rolled back");
         drop(conn);
 
+        // A transaction the connection lost track of (the state a `BEGIN` abandoned while its
+        // answer was on the way leaves: the server in a transaction, sqlx counting none),
+        // given back without being finished: it is rolled back too.
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::raw_sql("begin; select pg_advisory_xact_lock(4343)")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        drop(conn);
+        let conn = pool.acquire().await.unwrap();
+        let free: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock(4343)")
+            .fetch_one(&mut owner)
+            .await
+            .unwrap();
+        assert!(free, "{mode:?}: the untracked transaction was rolled back");
+        drop(conn);
+
         // A query abandoned while the server is still working on it: its answer, when it
         // comes, is not taken for the next query's.
         let abandoned = tokio::time::timeout(
