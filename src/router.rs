@@ -111,22 +111,61 @@ async fn not_found() -> ApiError {
 ///   too);
 /// - it times out (docs/api.md, "Request timeout") with a problem answer rather than a dropped
 ///   connection;
-/// - its handler runs to its end in a task of its own, even when the client goes away or the
-///   time limit answers first. A handler dropped half-way through could leave a pooled
-///   database connection inside a transaction it began (sqlx 0.8 loses track of a `BEGIN`
-///   whose answer was still on the way), holding row locks that block every later request
-///   for that row.
+/// - its handler runs to its end, even when the client goes away or the time limit answers
+///   first ([`RunToEnd`]): a spend the client gave up on still happens or not as a whole,
+///   and its answer is stored under its Idempotency-Key for the retry.
 async fn every_request(limit: Duration, request: Request, next: Next) -> Response {
     telemetry::track_requests(request, |request| async move {
-        let handler = tokio::spawn(next.run(request));
-        match tokio::time::timeout(limit, handler).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(err)) => ApiError::Internal(anyhow::anyhow!("the request's task failed: {err}"))
-                .into_response(),
+        let mut handler = RunToEnd(Some(Box::pin(next.run(request))));
+        match tokio::time::timeout(limit, &mut handler).await {
+            Ok(response) => response,
             Err(_) => ApiError::Unavailable("the request took too long").into_response(),
         }
     })
     .await
+}
+
+/// A handler's future, run in the request's own task while someone waits for its answer.
+/// Dropped before it finished (the client hung up, or the time limit answered), it moves to a
+/// task of its own and runs to its end there: a pinned box can change hands without moving
+/// the future. Most requests finish where they started, with no task spawned and no other
+/// worker woken.
+struct RunToEnd(Option<std::pin::Pin<Box<dyn Future<Output = Response> + Send>>>);
+
+impl Future for RunToEnd {
+    type Output = Response;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Response> {
+        let mut handler = self
+            .0
+            .take()
+            .expect("a finished handler is not polled again");
+        // A panic is answered here, as a 500 that is counted like any answer; the handler is
+        // not run again.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Pending) => {
+                self.0 = Some(handler);
+                std::task::Poll::Pending
+            }
+            Ok(std::task::Poll::Ready(response)) => std::task::Poll::Ready(response),
+            Err(_) => std::task::Poll::Ready(
+                ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response(),
+            ),
+        }
+    }
+}
+
+impl Drop for RunToEnd {
+    fn drop(&mut self) {
+        if let Some(handler) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(handler);
+        }
+    }
 }
 
 fn cors(config: &Config) -> CorsLayer {
