@@ -534,6 +534,10 @@ def main() -> None:
     parser.add_argument("--pg-host", default=os.environ.get("PGHOST", "127.0.0.1"))
     parser.add_argument("--pg-port", type=int, default=int(os.environ.get("PGPORT", "5432")))
     parser.add_argument("--pg-user", default=os.environ.get("PGUSER", "postgres"))
+    parser.add_argument("--service-database-url",
+                        help="the service's DATABASE_URL (default: the benchmark database over TCP); "
+                             "e.g. postgres://postgres@localhost/amethyst_bench?host=/var/run/postgresql "
+                             "for the Unix socket")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--binary", help="measure this build of the service (no build)")
     parser.add_argument("--probe-duration", type=int, default=2,
@@ -565,7 +569,7 @@ def main() -> None:
             return
         names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
         prepare(args, db, binary, filler_rows=0)
-        service = Service(binary, db, args.pool)
+        service = Service(binary, db, args.pool, database_url=args.service_database_url)
         log(f"service ready in {service.startup_ms:.0f} ms")
         try:
             rows = measure(args, db, service, names, work)
@@ -603,7 +607,7 @@ def run_scaling(args, db: Database, binary: Path, work: Path, stamp: str, machin
         prepare(args, db, binary, filler_rows=max(0, rows_target - base_rows))
         seed_s = time.monotonic() - started
         total = int(db.psql("select count(*) from public.credit_transactions", capture=True))
-        service = Service(binary, db, args.pool)
+        service = Service(binary, db, args.pool, database_url=args.service_database_url)
         try:
             measured = measure(args, db, service, names, work)
         finally:

@@ -272,6 +272,12 @@ def main() -> None:
             report["after_compare"] = {**ledger, "verify": "passed" if verify(args.binary, direct) else "FAILED"}
 
         print(json.dumps(report, indent=2))
+        results_dir = Path(__file__).resolve().parent.parent / "bench" / "results"
+        results_dir.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True, capture_output=True,
+                                cwd=results_dir).stdout.strip()
+        (results_dir / f"{stamp}-cluster.json").write_text(json.dumps({"commit": commit, **report}, indent=2) + "\n")
         failed = (report["spend"]["errors"] + report["me"]["errors"] > 0 or ledger["profiles_off_ledger"] > 0
                   or not verified or report["spend_rows"] < report["spends_answered_2xx"])
         sys.exit(1 if failed else 0)
