@@ -226,3 +226,45 @@ async fn users_set_and_clear_their_low_balance_threshold(
         assert_eq!(refused.code(), "validation_failed");
     }
 }
+
+/// `GET /v1/me` joins three set-returning functions (the profile as the user, the ad allowance,
+/// the balance), each answering one row and declaring it (`ROWS 1`). At PostgreSQL's default
+/// estimate of 1000 rows per function the plan's cost crossed `jit_above_cost`, and every
+/// read paid about 30 ms of JIT compilation for 1 ms of work. The statement is the one
+/// `profiles::read_as_user` sends.
+#[sqlx::test]
+async fn the_profile_read_is_planned_as_one_row_and_never_jit_compiled(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let claims = common::user_claims(user.id, &user.email).to_string();
+    let plan: serde_json::Value = sqlx::query_scalar(
+        r#"explain (format json)
+           select p.id, p.email, p.display_name, p.avatar_url, b.credits, p.is_admin,
+                  a.views_today, a.daily_limit, a.views_remaining, a.resets_at,
+                  p.subscription_status, p.subscription_plan, p.subscription_current_period_end,
+                  p.low_balance_threshold, p.created_at, p.updated_at, b.available, b.held,
+                  b.paid, b.promotional, b.expiring
+             from public.profile_as_user($1) p
+            cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
+            cross join lateral public.credit_balance(p.id) b"#,
+    )
+    .bind(&claims)
+    .fetch_one(&app.owner)
+    .await
+    .unwrap();
+    let root = &plan[0]["Plan"];
+    let jit_above_cost: f64 =
+        sqlx::query_scalar("select current_setting('jit_above_cost')::float8")
+            .fetch_one(&app.owner)
+            .await
+            .unwrap();
+    assert_eq!(root["Plan Rows"], 1, "{plan:#}");
+    let cost = root["Total Cost"].as_f64().unwrap();
+    assert!(
+        cost < jit_above_cost,
+        "estimated at {cost}, above jit_above_cost ({jit_above_cost}): JIT on every read"
+    );
+}
