@@ -58,13 +58,67 @@ class Database:
         return out.stdout.strip() if capture else ""
 
 
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class Es256Keys:
+    """`--token-alg es256`: a P-256 key of the run's own, its public half published as a JWKS
+    on loopback the way Supabase Auth publishes a project's signing keys, and the service
+    pointed at it (`SUPABASE_JWKS_URL`). Needs Python's `cryptography`."""
+
+    KID = "bench-es256"
+
+    def __init__(self):
+        from cryptography.hazmat.primitives.asymmetric import ec
+        import http.server
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        numbers = self.key.public_key().public_numbers()
+        body = json.dumps({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": self.KID,
+            "x": b64url(numbers.x.to_bytes(32, "big")), "y": b64url(numbers.y.to_bytes(32, "big")),
+        }]}).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/auth/v1/.well-known/jwks.json"
+
+    def sign(self, message: bytes) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+        r, s = decode_dss_signature(self.key.sign(message, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+# Set by main() for --token-alg es256; tokens are HS256 with SECRET otherwise.
+ES256: Es256Keys | None = None
+
+
 def jwt(claims: dict) -> str:
-    def b64(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-    body = b64(json.dumps(claims, separators=(",", ":")).encode())
-    sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64(sig)}"
+    if ES256 is not None:
+        header = {"alg": "ES256", "typ": "JWT", "kid": ES256.KID}
+    else:
+        header = {"alg": "HS256", "typ": "JWT"}
+    head = b64url(json.dumps(header, separators=(",", ":")).encode())
+    body = b64url(json.dumps(claims, separators=(",", ":")).encode())
+    message = f"{head}.{body}".encode()
+    if ES256 is not None:
+        sig = ES256.sign(message)
+    else:
+        sig = hmac.new(SECRET.encode(), message, hashlib.sha256).digest()
+    return f"{head}.{body}.{b64url(sig)}"
 
 
 def user_token(n: int, now: int) -> str:
@@ -230,6 +284,8 @@ class Service:
             # paid on completion as in the default session mode.
             "ADS_VERIFICATION": "client",
         })
+        if ES256 is not None:
+            env["SUPABASE_JWKS_URL"] = ES256.url
         started = time.monotonic()
         self.process = subprocess.Popen([str(binary), "serve", "--no-migrate"], env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir())
@@ -415,7 +471,10 @@ def scenario_inputs(name: str, spec: dict, args, work: Path, now: int):
     if spec["mode"] == "webhook":
         count = max(1000, args.duration * 6000)
         return signed_events(work / f"{name}.events", count, users, int(now)), {"first": 1, "last": users}
-    return write_tokens(work / f"{name}.tokens", range(1, users + 1), now), {"first": 1, "last": users}
+    # Random users' scenarios: each request another user's token, drawn from the first
+    # --token-users users (all by default), so that how often a token comes back can be set.
+    token_users = min(users, args.token_users or users)
+    return write_tokens(work / f"{name}.tokens", range(1, token_users + 1), now), {"first": 1, "last": users}
 
 
 def measure(args, db: Database, service: Service, names, work: Path) -> list:
@@ -542,6 +601,12 @@ def main() -> None:
                         help="the service's DATABASE_URL (default: the benchmark database over TCP); "
                              "e.g. postgres://postgres@localhost/amethyst_bench?host=/var/run/postgresql "
                              "for the Unix socket")
+    parser.add_argument("--token-alg", choices=["hs256", "es256"], default="hs256",
+                        help="how the users' tokens are signed: the project's HS256 secret, or an "
+                             "ES256 key the run publishes as a JWKS (Supabase's asymmetric keys)")
+    parser.add_argument("--token-users", type=int, default=0,
+                        help="the random-user scenarios (me, spend, ...) send the tokens of only "
+                             "this many users (default: all), each request one of them at random")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--binary", help="measure this build of the service (no build)")
     parser.add_argument("--probe-duration", type=int, default=2,
@@ -550,6 +615,9 @@ def main() -> None:
     parser.add_argument("--no-pgbench", action="store_true",
                         help="the service alone (CPU per request), without the pgbench comparisons")
     args = parser.parse_args()
+    global ES256
+    if args.token_alg == "es256":
+        ES256 = Es256Keys()
 
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     binary = Path(args.binary) if args.binary else target / "release" / "amethyst-credits"

@@ -57,6 +57,8 @@ pub struct JwtConfig {
     pub jwks_timing: JwksTiming,
     pub audience: String,
     pub issuer: Option<String>,
+    /// Verified tokens remembered until they expire (`JWT_CACHE_SIZE`; 0 turns it off).
+    pub cache_size: usize,
 }
 
 /// How the JWKS keys are cached. Not read from the environment: the defaults follow Supabase
@@ -518,6 +520,7 @@ impl Config {
                 jwks_timing: JwksTiming::default(),
                 audience: get("JWT_AUDIENCE").unwrap_or_else(|| "authenticated".to_owned()),
                 issuer,
+                cache_size: parse_number("JWT_CACHE_SIZE", get("JWT_CACHE_SIZE"), 10_000)?,
             },
             stripe: StripeConfig {
                 secret_key: get("STRIPE_SECRET_KEY").map(Secret::new),

@@ -38,6 +38,10 @@ enum Behaviour {
     /// Accepts the request and never answers.
     Hang,
     Fail,
+    /// Publishes no ES256 key any more: the project revoked it.
+    Revoked,
+    /// Publishes another key (`es256_other_private.pem`'s) under the same `kid`.
+    Replaced,
 }
 
 impl JwksServer {
@@ -73,11 +77,19 @@ async fn jwks_server() -> JwksServer {
             counter.fetch_add(1, Ordering::SeqCst);
             notify.notify_waiters();
             let behaviour = *current.lock().unwrap();
-            let body =
-                json!({"keys": [jwk.clone(), {"kty": "oct", "k": "c2VjcmV0", "kid": "symmetric"}]});
+            let symmetric = json!({"kty": "oct", "k": "c2VjcmV0", "kid": "symmetric"});
+            let body = json!({"keys": [jwk.clone(), symmetric.clone()]});
+            let replaced = json!({"keys": [{
+                "kty": "EC", "crv": "P-256", "kid": KID, "alg": "ES256", "use": "sig",
+                "x": "v_vSod5KuKiZGunxvG86Rsh5tKkoG6VBz_DZwne4XE4",
+                "y": "whUaCjNm94K7wCQQhFR5lPil2CtZGuTbnpy099bAKUA",
+            }, symmetric.clone()]});
+            let revoked = json!({"keys": [symmetric]});
             async move {
                 match behaviour {
                     Behaviour::Answer => axum::Json(body).into_response(),
+                    Behaviour::Revoked => axum::Json(revoked).into_response(),
+                    Behaviour::Replaced => axum::Json(replaced).into_response(),
                     Behaviour::Hang => std::future::pending().await,
                     Behaviour::Fail => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
                 }
@@ -583,4 +595,132 @@ async fn without_a_secret_hs256_tokens_are_refused(pool: PgPoolOptions, connect:
             .status,
         200
     );
+}
+
+// Verified tokens are remembered until they expire (src/auth/cache.rs); the time bounds are
+// tested there with explicit times.
+
+#[sqlx::test]
+async fn a_remembered_token_is_refused_once_the_jwks_drops_its_key(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    tokio::time::timeout(GUARD, async {
+        let jwks = jwks_server().await;
+        let app = app_with_jwks_timing(connect, &jwks, always_refreshing()).await;
+        let user = app.user().await;
+        let token = sign_es256(&user_claims(user.id, &user.email), KID, project_key());
+        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
+        assert_eq!(app.state.verifier.cached_tokens(), 1);
+
+        // The project revokes the key. Requests go on finding the token remembered, and each
+        // starts a refresh; once one has brought the new key set, the token is refused.
+        jwks.behave(Behaviour::Revoked);
+        loop {
+            let status = app.get("/v1/me", Some(&token)).await.status;
+            if status == 200 {
+                tokio::task::yield_now().await;
+            } else {
+                assert_eq!(status, 401);
+                break;
+            }
+        }
+        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 401);
+    })
+    .await
+    .expect("a token whose key was revoked must stop being accepted");
+}
+
+#[sqlx::test]
+async fn a_remembered_token_is_refused_once_its_kid_names_another_key(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    tokio::time::timeout(GUARD, async {
+        let jwks = jwks_server().await;
+        let app = app_with_jwks_timing(connect, &jwks, always_refreshing()).await;
+        let user = app.user().await;
+        let claims = user_claims(user.id, &user.email);
+        let token = sign_es256(&claims, KID, project_key());
+        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
+
+        jwks.behave(Behaviour::Replaced);
+        loop {
+            let status = app.get("/v1/me", Some(&token)).await.status;
+            if status == 200 {
+                tokio::task::yield_now().await;
+            } else {
+                assert_eq!(status, 401);
+                break;
+            }
+        }
+        // The key now published under that kid signs the tokens that pass.
+        let other = include_bytes!("fixtures/es256_other_private.pem");
+        let renewed = sign_es256(&claims, KID, other);
+        assert_eq!(app.get("/v1/me", Some(&renewed)).await.status, 200);
+        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 401);
+    })
+    .await
+    .expect("a token whose key was replaced must stop being accepted");
+}
+
+#[sqlx::test]
+async fn only_accepted_tokens_are_remembered_each_as_sent(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(pool, connect).await;
+    let user = app.user().await;
+    let verifier = &app.state.verifier;
+
+    assert_eq!(app.get("/v1/me", Some(&user.token)).await.status, 200);
+    assert_eq!(app.get("/v1/me", Some(&user.token)).await.status, 200);
+    assert_eq!(verifier.cached_tokens(), 1, "one token, remembered once");
+
+    // The same claims under another signature, and the remembered token with a character of
+    // its signature changed: each is another token, checked afresh, refused and not remembered.
+    let claims = user_claims(user.id, &user.email);
+    let forged = sign_hs256(&claims, "another-secret-of-at-least-32-characters");
+    // (Not the last character: its low bits are padding.)
+    let at = user.token.len() - 10;
+    let swapped = if &user.token[at..=at] == "A" {
+        "B"
+    } else {
+        "A"
+    };
+    let altered = format!("{}{swapped}{}", &user.token[..at], &user.token[at + 1..]);
+    for token in [&forged, &altered] {
+        assert_eq!(app.get("/v1/me", Some(token)).await.status, 401, "{token}");
+    }
+    assert_eq!(verifier.cached_tokens(), 1);
+
+    // An expired token is refused, remembered or not.
+    let expired = sign_hs256(
+        &with(
+            &claims,
+            json!({"exp": chrono::Utc::now().timestamp() - 3600}),
+        ),
+        SECRET,
+    );
+    assert_eq!(app.get("/v1/me", Some(&expired)).await.status, 401);
+    assert_eq!(verifier.cached_tokens(), 1);
+}
+
+#[sqlx::test]
+async fn jwt_cache_size_zero_remembers_nothing(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let _ = pool;
+    let mut config = Config::from_lookup(|name| match name {
+        "SUPABASE_JWT_SECRET" => Some(SECRET.to_owned()),
+        "JWT_ISSUER" => Some(ISSUER.to_owned()),
+        "JWT_CACHE_SIZE" => Some("0".to_owned()),
+        _ => None,
+    })
+    .unwrap();
+    config.database_max_connections = 5;
+    let app = TestApp::with_config(connect, config).await;
+    let user = app.user().await;
+    assert_eq!(app.get("/v1/me", Some(&user.token)).await.status, 200);
+    assert_eq!(app.state.verifier.cached_tokens(), 0);
 }

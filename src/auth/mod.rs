@@ -4,6 +4,7 @@
 //! A token is verified once per request by [`authenticate`], a middleware that also feeds the
 //! rate limiter; the extractors ([`AuthUser`], [`AdminCaller`]) read its verdict.
 
+pub mod cache;
 pub mod jwks;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use uuid::Uuid;
 
 use crate::config::JwtConfig;
 use crate::error::ApiError;
+use cache::TokenCache;
 use jwks::JwksCache;
 
 /// Allowed clock skew for `exp` and `nbf`.
@@ -47,12 +49,14 @@ pub struct VerifiedToken {
 /// Why a token was refused; the text goes into the 401's `detail`.
 pub type Refusal = &'static str;
 
-/// Checks tokens against the configured HS256 secret and the JWKS keys.
+/// Checks tokens against the configured HS256 secret and the JWKS keys, and remembers the
+/// ones it accepted until they expire (`JWT_CACHE_SIZE`, [`cache`]).
 pub struct TokenVerifier {
     hs256: Option<DecodingKey>,
     jwks: Option<JwksCache>,
     audience: String,
     issuer: Option<String>,
+    cache: Option<TokenCache>,
 }
 
 impl TokenVerifier {
@@ -68,7 +72,13 @@ impl TokenVerifier {
                 .map(|url| JwksCache::new(url, http, config.jwks_timing)),
             audience: config.audience.clone(),
             issuer: config.issuer.clone(),
+            cache: TokenCache::new(config.cache_size),
         }
+    }
+
+    /// Tokens remembered now (0 with the cache off).
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.as_ref().map_or(0, TokenCache::len)
     }
 
     /// Fetches the JWKS ahead of the first request, when one is configured.
@@ -79,17 +89,43 @@ impl TokenVerifier {
     }
 
     pub async fn verify(&self, token: &str) -> Result<VerifiedToken, Refusal> {
+        let Some(cache) = &self.cache else {
+            return self.check(token).await.map(|entry| entry.token);
+        };
+        let key = cache::digest(token);
+        if let Some(entry) = cache.get(&key, jsonwebtoken::get_current_timestamp()) {
+            match &entry.jwks_key {
+                None => return Ok(entry.token),
+                Some((kid, checked_with)) => {
+                    if let Some(jwks) = &self.jwks
+                        && let Some(current) = jwks.key(kid).await
+                        && Arc::ptr_eq(&current.key, checked_with)
+                    {
+                        return Ok(entry.token);
+                    }
+                    cache.remove(&key);
+                }
+            }
+        }
+        let entry = self.check(token).await?;
+        let token = entry.token.clone();
+        cache.insert(key, entry);
+        Ok(token)
+    }
+
+    /// Checks the signature and the claims.
+    async fn check(&self, token: &str) -> Result<cache::Entry, Refusal> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed token")?;
 
         // Algorithms are pinned to their key source: HS256 only with the project secret,
         // asymmetric algorithms only with a JWKS key of that same algorithm.
-        let (algorithm, key) = match header.alg {
+        let (algorithm, key, jwks_key) = match header.alg {
             Algorithm::HS256 => {
                 let key = self
                     .hs256
                     .as_ref()
                     .ok_or("HS256 tokens are not accepted here")?;
-                (Algorithm::HS256, KeyRef::Borrowed(key))
+                (Algorithm::HS256, KeyRef::Borrowed(key), None)
             }
             Algorithm::HS384 | Algorithm::HS512 => return Err("unsupported signing algorithm"),
             alg => {
@@ -105,7 +141,8 @@ impl TokenVerifier {
                 if found.algorithm != alg {
                     return Err("the signing algorithm does not match the key");
                 }
-                (alg, KeyRef::Shared(found.key))
+                let checked_with = (Arc::from(kid), found.key.clone());
+                (alg, KeyRef::Shared(found.key), Some(checked_with))
             }
         };
 
@@ -162,11 +199,19 @@ impl TokenVerifier {
             Some(_) => return Err("the subject is not a user id"),
         };
 
-        Ok(VerifiedToken {
-            role,
-            user_id,
-            is_anonymous: claims.is_anonymous.unwrap_or(false),
-            claims: signed_payload(token).ok_or("malformed token")?.into(),
+        Ok(cache::Entry {
+            token: VerifiedToken {
+                role,
+                user_id,
+                is_anonymous: claims.is_anonymous.unwrap_or(false),
+                claims: signed_payload(token).ok_or("malformed token")?.into(),
+            },
+            // The bounds jsonwebtoken has just checked, with the same leeway.
+            valid_through: claims.exp.saturating_add(LEEWAY_SECONDS),
+            valid_from: claims
+                .nbf
+                .map_or(0, |nbf| nbf.saturating_sub(LEEWAY_SECONDS)),
+            jwks_key,
         })
     }
 }
@@ -179,6 +224,9 @@ struct TokenClaims {
     is_anonymous: Option<bool>,
     aud: Option<Value>,
     iss: Option<String>,
+    /// Whole seconds: jsonwebtoken has refused any other form before these are read.
+    exp: u64,
+    nbf: Option<u64>,
 }
 
 /// The payload exactly as signed (already verified by the caller), for `request.jwt.claims`.
