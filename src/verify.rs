@@ -316,5 +316,26 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report, sqlx::Error> {
             .collect(),
     );
 
+    // The lot and hold rules go by clock_now(): now(), plus an offset only tests and drills
+    // set. Left behind in production, it would expire credits and holds at the wrong time.
+    let moved = sqlx::query_scalar!(
+        r#"select offset_by::text as "offset_by!" from public.clock_settings
+            where offset_by <> interval '0'"#
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    report.add(
+        "the lot and hold rules go by the real time (public.clock_settings holds no offset)",
+        moved
+            .into_iter()
+            .map(|by| {
+                format!(
+                    "public.clock_settings moves their clock by {by}: delete its row unless this \
+                     database is for tests or a drill"
+                )
+            })
+            .collect(),
+    );
+
     Ok(report)
 }

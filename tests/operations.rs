@@ -699,7 +699,7 @@ async fn migrate_creates_the_database_and_verify_passes_on_it() {
     let verify = run("verify");
     let report = String::from_utf8_lossy(&verify.stdout);
     assert!(verify.status.success(), "{report}");
-    assert!(report.contains("all 9 checks passed"), "{report}");
+    assert!(report.contains("all 10 checks passed"), "{report}");
 
     let name = url.rsplit('/').next().unwrap().to_owned();
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)

@@ -54,7 +54,7 @@ async fn verify_passes_on_a_clean_database_with_activity(
     let (passed, report) = verify(&connect);
 
     assert!(passed, "{report}");
-    assert!(report.contains("all 9 checks passed"), "{report}");
+    assert!(report.contains("all 10 checks passed"), "{report}");
 }
 
 #[sqlx::test]
@@ -161,4 +161,27 @@ async fn verify_fails_when_the_signup_trigger_is_gone(
         report.contains("FAIL trigger on_auth_user_created"),
         "{report}"
     );
+}
+
+#[sqlx::test]
+async fn verify_fails_while_the_rules_clock_is_moved(
+    _pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = TestApp::new(_pool, connect.clone()).await;
+    sqlx::query("insert into public.clock_settings (offset_by) values (interval '2 days')")
+        .execute(&app.owner)
+        .await
+        .unwrap();
+
+    let (passed, report) = verify(&connect);
+    assert!(!passed, "{report}");
+    assert!(report.contains("moves their clock by 2 days"), "{report}");
+
+    sqlx::query("delete from public.clock_settings")
+        .execute(&app.owner)
+        .await
+        .unwrap();
+    let (passed, report) = verify(&connect);
+    assert!(passed, "{report}");
 }
