@@ -151,6 +151,25 @@ impl LedgerRow {
     }
 }
 
+/// Least time a client waits before it reconnects (the `retry:` of the opening event), and
+/// the spread above it.
+pub const RECONNECT_AFTER: Duration = Duration::from_millis(1_000);
+pub const RECONNECT_SPREAD: Duration = Duration::from_millis(4_000);
+
+/// The reconnection delay a stream asks of its client: a different one per stream, so that
+/// the streams a replica ends when it shuts down do not all come back in the same instant.
+/// (Spread, not secret: the clock's nanoseconds mixed with the user's id.)
+fn reconnect_delay(user: Uuid) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    let (high, low) = user.as_u64_pair();
+    let spread = RECONNECT_SPREAD.as_millis() as u64;
+    let pick = crate::telemetry::mix(high ^ low ^ u64::from(nanos)) % spread;
+    RECONNECT_AFTER + Duration::from_millis(pick)
+}
+
 fn event(name: &str, data: &impl Serialize) -> Event {
     // These shapes always serialize; an empty object would still be a valid event.
     let json = serde_json::to_string(data).unwrap_or_else(|_| "{}".to_owned());
@@ -230,7 +249,8 @@ pub async fn my_events(
 
     let mut announced = HashSet::new();
     let expiring = soon_expiring(&profile.balance.expiring, &mut announced);
-    let mut opening = vec![event("balance", &BalanceEvent::from(profile))];
+    let mut opening =
+        vec![event("balance", &BalanceEvent::from(profile)).retry(reconnect_delay(user.id))];
     opening.extend(expiring);
     let cursor = match last_seen {
         Some(seen) if position.replayable => seen,

@@ -6,9 +6,15 @@
 //! notification arriving: when the listening connection is lost, it is made again (with a
 //! growing pause), and once it listens again every open stream is woken to catch up, which
 //! covers whatever was announced while nobody listened.
+//!
+//! The connection listens only while the process has streams open (and for
+//! [`Notifications::linger`] after the last one closed): a replica nobody watches from does not
+//! read every ledger change of every user. Listening that starts for a new stream wakes every
+//! stream too, so the new stream reads what landed between its first read and the `LISTEN`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -26,6 +32,10 @@ pub const APPLICATION_NAME: &str = "amethyst-credits listener";
 /// Longest pause between two attempts to listen again.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// How long the connection keeps listening after the last stream closed: a client that
+/// reconnects at once (a page reload, a token refresh) finds it still there.
+pub const LINGER: Duration = Duration::from_secs(60);
+
 /// The fan-out: who is watching which user, and whether the process is closing.
 #[derive(Clone)]
 pub struct Notifications(Arc<Inner>);
@@ -35,6 +45,10 @@ struct Inner {
     users: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
     /// True once the process is shutting down: streams end.
     closing: watch::Sender<bool>,
+    /// How many users have an open stream, for the listener: it listens while there are any.
+    watched: watch::Sender<usize>,
+    /// [`LINGER`], in milliseconds; tests shorten it.
+    linger_ms: AtomicU64,
 }
 
 /// A user's wake-up signal, held by one stream. Dropping it forgets the user once their last
@@ -57,6 +71,7 @@ impl Drop for Subscription {
             .is_some_and(|sender| sender.receiver_count() <= 1)
         {
             users.remove(&self.user);
+            self.notifications.0.watched.send_replace(users.len());
         }
     }
 }
@@ -80,7 +95,20 @@ impl Notifications {
         Notifications(Arc::new(Inner {
             users: Mutex::new(HashMap::new()),
             closing: watch::Sender::new(false),
+            watched: watch::Sender::new(0),
+            linger_ms: AtomicU64::new(LINGER.as_millis() as u64),
         }))
+    }
+
+    /// How long listening goes on after the last stream closed.
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.0.linger_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_linger(&self, linger: Duration) {
+        self.0
+            .linger_ms
+            .store(linger.as_millis() as u64, Ordering::Relaxed);
     }
 
     fn users(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<u64>>> {
@@ -90,11 +118,19 @@ impl Notifications {
     /// Starts receiving `user`'s wake-ups. Subscribe before reading the ledger: a change
     /// committed between the read and the subscription would otherwise wake nobody.
     pub fn subscribe(&self, user: Uuid) -> Subscription {
-        let wake = self
-            .users()
-            .entry(user)
-            .or_insert_with(|| watch::Sender::new(0))
-            .subscribe();
+        let wake = {
+            let mut users = self.users();
+            let wake = users
+                .entry(user)
+                .or_insert_with(|| watch::Sender::new(0))
+                .subscribe();
+            self.0.watched.send_if_modified(|watched| {
+                let changed = *watched != users.len();
+                *watched = users.len();
+                changed
+            });
+            wake
+        };
         Subscription {
             notifications: self.clone(),
             user,
@@ -137,13 +173,22 @@ impl Notifications {
 
     async fn listen(self, options: PgConnectOptions) {
         let mut closed = self.0.closing.subscribe();
+        let mut watched = self.0.watched.subscribe();
         let mut backoff = Duration::from_millis(100);
         loop {
+            // Nobody watches from this process: no connection until a stream opens.
+            tokio::select! {
+                _ = watched.wait_for(|n| *n > 0) => {}
+                _ = closing(&mut closed) => return,
+            }
             let failure = tokio::select! {
-                outcome = self.session(&options, &mut backoff) => {
-                    let Err(err) = outcome;
-                    err
-                }
+                outcome = self.session(&options, &mut backoff) => match outcome {
+                    Ok(()) => {
+                        tracing::info!("no stream open: the listening connection is closed");
+                        continue;
+                    }
+                    Err(err) => err,
+                },
                 _ = closing(&mut closed) => return,
             };
             tracing::warn!(error = %failure, retry_in_ms = backoff.as_millis() as u64,
@@ -156,17 +201,31 @@ impl Notifications {
         }
     }
 
-    /// One listening connection, for as long as it lasts.
+    /// One listening connection, until it fails (an error) or no stream has been open for
+    /// [`Self::linger`] (`Ok`).
     async fn session(
         &self,
         options: &PgConnectOptions,
         backoff: &mut Duration,
-    ) -> Result<Infallible, sqlx::Error> {
+    ) -> Result<(), sqlx::Error> {
         let mut listener = connect(options).await?;
         tracing::info!(channel = CHANNEL, "listening for ledger notifications");
+        let _listening = Listening::new();
         *backoff = Duration::from_millis(100);
-        // Listening again: whatever was announced while nobody listened is read now.
+        // Listening (again): whatever was announced while nobody listened is read now.
         self.wake_all();
+        let mut watched = self.0.watched.subscribe();
+        tokio::select! {
+            failure = self.receive(&mut listener) => {
+                let Err(err) = failure;
+                Err(err)
+            }
+            // The listener is dropped with its connection: nothing of it is reused.
+            () = unwatched_for(&mut watched, self.linger()) => Ok(()),
+        }
+    }
+
+    async fn receive(&self, listener: &mut PgListener) -> Result<Infallible, sqlx::Error> {
         loop {
             match listener.try_recv().await? {
                 Some(notification) => self.dispatch(notification.payload()),
@@ -189,6 +248,34 @@ impl Notifications {
                 self.wake(announcement.user_id);
             }
             Err(err) => tracing::warn!(error = %err, "an unreadable ledger notification"),
+        }
+    }
+}
+
+/// The `live_listening` gauge at 1 while a listening connection is up.
+struct Listening;
+
+impl Listening {
+    fn new() -> Self {
+        metrics::gauge!("live_listening").set(1.0);
+        Listening
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        metrics::gauge!("live_listening").set(0.0);
+    }
+}
+
+/// Resolves once no stream has been open for `linger` in a row.
+async fn unwatched_for(watched: &mut watch::Receiver<usize>, linger: Duration) {
+    loop {
+        // The sender lives as long as the fan-out, which outlives this wait.
+        let _ = watched.wait_for(|n| *n == 0).await;
+        tokio::select! {
+            () = tokio::time::sleep(linger) => return,
+            _ = watched.wait_for(|n| *n > 0) => {}
         }
     }
 }

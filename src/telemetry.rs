@@ -118,6 +118,10 @@ fn describe() {
         "live_streams_open",
         "Open live balance streams (GET /v1/me/events)."
     );
+    describe_gauge!(
+        "live_listening",
+        "1 while the process listens for ledger notifications (it does while streams are open), else 0."
+    );
     describe_counter!(
         "maintenance_runs_total",
         "Maintenance runs started by this process (the CLI), by task and outcome."
@@ -247,7 +251,7 @@ impl tower_http::request_id::MakeRequestId for MakeRequestIds {
 }
 
 /// SplitMix64's finalizer: a bijection on 64 bits that scatters consecutive inputs.
-fn mix(mut x: u64) -> u64 {
+pub fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)

@@ -797,3 +797,62 @@ async fn credits_about_to_expire_are_announced_once(
     assert_eq!(event.name, "transaction", "{:?}", event.data);
     assert_eq!(event.data["amount"], 3);
 }
+
+#[sqlx::test]
+async fn every_stream_asks_for_its_own_reconnection_delay(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let app = live_app(connect, test_config()).await;
+    let mut delays = Vec::new();
+    for _ in 0..8 {
+        let user = app.user().await;
+        let (_stream, balance) = open_stream(&app, &user).await;
+        let delay = balance.retry.expect("the balance event carries retry:");
+        assert!((1_000..5_000).contains(&delay), "{delay} ms");
+        delays.push(delay);
+    }
+    delays.dedup();
+    assert!(delays.len() > 1, "eight streams, one delay: {delays:?}");
+}
+
+#[sqlx::test]
+async fn the_process_listens_only_while_streams_are_open(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _ = pool;
+    let app = live_app(connect, test_config()).await;
+    app.state
+        .notifications
+        .set_linger(std::time::Duration::from_millis(100));
+    let user = app.user().await;
+    app.grant(user.id, 100).await;
+
+    let (mut stream, _) = open_stream(&app, &user).await;
+    until_listening(&app).await;
+    spend(&app, &user, 1).await;
+    assert_eq!(stream.transaction().await.data["amount"], -1);
+
+    // The last stream closes: so does the listening connection, after the linger.
+    drop(stream);
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while !listener_pids(&app).await.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the listening connection closes once no stream is open");
+
+    // A change while nothing listens is in the next stream's balance; the stream starts the
+    // listening again, and every change after reaches it.
+    spend(&app, &user, 2).await;
+    let (mut stream, balance) = open_stream(&app, &user).await;
+    assert_eq!(balance.data["credits"], 97);
+    for amount in [3, 1] {
+        spend(&app, &user, amount).await;
+        assert_eq!(stream.transaction().await.data["amount"], -amount);
+    }
+    assert!(!listener_pids(&app).await.is_empty());
+}

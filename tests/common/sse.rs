@@ -13,6 +13,8 @@ use serde_json::Value;
 pub struct SseEvent {
     pub name: String,
     pub id: Option<String>,
+    /// The `retry:` it carries, in milliseconds.
+    pub retry: Option<u64>,
     pub data: Value,
 }
 
@@ -112,12 +114,14 @@ impl EventStream {
 }
 
 fn parse(block: &str) -> Option<SseEvent> {
-    let (mut name, mut id, mut data) = (None, None, Vec::new());
+    let (mut name, mut id, mut retry, mut data) = (None, None, None, Vec::new());
     for line in block.lines() {
         if let Some(value) = line.strip_prefix("event:") {
             name = Some(value.trim_start().to_owned());
         } else if let Some(value) = line.strip_prefix("id:") {
             id = Some(value.trim_start().to_owned());
+        } else if let Some(value) = line.strip_prefix("retry:") {
+            retry = Some(value.trim_start().parse().expect("retry is a number"));
         } else if let Some(value) = line.strip_prefix("data:") {
             data.push(value.strip_prefix(' ').unwrap_or(value).to_owned());
         }
@@ -129,6 +133,7 @@ fn parse(block: &str) -> Option<SseEvent> {
     Some(SseEvent {
         name: name.unwrap_or_else(|| "message".to_owned()),
         id,
+        retry,
         data: serde_json::from_str(&data.join("\n")).expect("data is JSON"),
     })
 }
