@@ -371,7 +371,12 @@ async fn serve(config: Config, dev: bool, no_migrate: bool) -> anyhow::Result<Ex
     }
 
     let address = listener.local_addr()?;
-    tracing::info!(%address, "listening");
+    let runtime = tokio::runtime::Handle::current();
+    let threads = match runtime.runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "one (the main thread)".to_owned(),
+        _ => runtime.metrics().num_workers().to_string(),
+    };
+    tracing::info!(%address, worker_threads = %threads, "listening");
     let drain = draining.config.shutdown_drain;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(

@@ -519,8 +519,27 @@ async fn token_expired_comes_last_when_the_token_expires(
 async fn a_change_through_one_process_reaches_a_stream_on_another() {
     let first = Binary::serve(&[]).await;
     // The request time limit bounds how long an answer takes to start, not a stream's life.
-    let second =
-        Binary::serve_on(first.database.shared(), &[("REQUEST_TIMEOUT_SECONDS", "1")]).await;
+    // The second runs everything on one thread, as TOKIO_WORKER_THREADS=1 makes it.
+    let second = Binary::serve_on(
+        first.database.shared(),
+        &[
+            ("REQUEST_TIMEOUT_SECONDS", "1"),
+            ("TOKIO_WORKER_THREADS", "1"),
+        ],
+    )
+    .await;
+    let says = |server: &Binary, threads: &str| {
+        server
+            .logs()
+            .iter()
+            .any(|l| l.contains("listening") && l.contains(threads))
+    };
+    assert!(
+        says(&second, "one (the main thread)"),
+        "{:?}",
+        second.logs()
+    );
+    assert!(!says(&first, "one (the main thread)"), "{:?}", first.logs());
     let user = first.user().await;
     first.grant(user.id, 10).await;
 
