@@ -5,6 +5,7 @@
 //! rate limiter; the extractors ([`AuthUser`], [`AdminCaller`]) read its verdict.
 
 pub mod cache;
+mod es256;
 pub mod jwks;
 
 use std::sync::Arc;
@@ -61,6 +62,7 @@ pub struct TokenVerifier {
 
 impl TokenVerifier {
     pub fn new(config: &JwtConfig, http: reqwest::Client) -> Self {
+        es256::install();
         Self {
             hs256: config
                 .secret
