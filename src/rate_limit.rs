@@ -11,13 +11,11 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::HeaderMap;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use crate::auth::Caller;
 use crate::config::{Cidr, Config};
@@ -209,15 +207,11 @@ fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
     Some(address.to_canonical())
 }
 
-/// The middleware: runs after [`crate::auth::authenticate`], so a verified token is known.
-pub async fn limit(
-    State(limiter): State<Arc<RateLimiter>>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// The rate limit's verdict on `request`, after authentication: `Err` is the 429 to answer.
+pub fn admit(limiter: &RateLimiter, request: &Request) -> Result<(), ApiError> {
     let path = request.uri().path();
     if !limiter.enabled() || !path.starts_with("/v1/") || path.starts_with("/v1/webhooks/") {
-        return next.run(request).await;
+        return Ok(());
     }
     let key = match request.extensions().get::<Caller>() {
         Some(Caller::Token(token)) => match token.user_id {
@@ -233,16 +227,12 @@ pub async fn limit(
     };
     let now = Instant::now();
     limiter.sweep(now);
-    match limiter.take(key, now) {
-        Ok(()) => next.run(request).await,
-        Err(retry_after_seconds) => {
-            metrics::counter!("http_rate_limited_total").increment(1);
-            ApiError::RateLimited {
-                retry_after_seconds,
-            }
-            .into_response()
+    limiter.take(key, now).map_err(|retry_after_seconds| {
+        metrics::counter!("http_rate_limited_total").increment(1);
+        ApiError::RateLimited {
+            retry_after_seconds,
         }
-    }
+    })
 }
 
 #[cfg(test)]

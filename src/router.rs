@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
@@ -54,32 +55,34 @@ pub fn openapi() -> serde_json::Value {
 }
 
 /// The whole service: routes, documentation and the layers every request goes through.
+///
+/// `Router::layer` wraps every route in the layer, as a boxed service of its own that each
+/// request clones, so only what needs the matched route is applied that way: the `/v1`
+/// middleware (the caller and the rate limit) and [`every_request`] (metrics are labelled
+/// by route). The rest is one stack around the router, built once.
 pub fn app(state: AppState) -> Router {
     let (routes, _) = routes();
-    let v1_layers = routes
-        .layer(middleware::from_fn_with_state(
-            state.rate_limiter.clone(),
-            rate_limit::limit,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.verifier.clone(),
-            auth::authenticate,
-        ))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES));
+    let v1 = routes.layer(middleware::from_fn_with_state(state.clone(), v1_request));
 
     let timeout = state.config.request_timeout;
-    Router::new()
-        .merge(v1_layers)
+    let cors = cors(&state.config);
+    let routed = Router::new()
+        .merge(v1)
         .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", openapi()))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             every_request(timeout, req, next)
         }))
-        .layer(cors(&state.config))
-        .layer(CatchPanicLayer::custom(|_panic| {
-            ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
-        }))
+        .with_state(state);
+    let around = ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+            HeaderName::from_static("stripe-signature"),
+        ]))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, telemetry::MakeRequestIds))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request| {
                 let request_id = request
@@ -90,14 +93,23 @@ pub fn app(state: AppState) -> Router {
                 tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
             }),
         )
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, telemetry::MakeRequestIds))
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            header::COOKIE,
-            HeaderName::from_static("stripe-signature"),
-        ]))
-        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_panic| {
+            ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
+        }))
+        .layer(cors)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .service(routed);
+    Router::new().fallback_service(around)
+}
+
+/// Every `/v1` route: who is calling (the token, verified once), then the rate limit, which
+/// counts per user when there is one.
+async fn v1_request(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    auth::identify(&state.verifier, &mut request).await;
+    match rate_limit::admit(&state.rate_limiter, &request) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused.into_response(),
+    }
 }
 
 async fn not_found() -> ApiError {

@@ -1,8 +1,8 @@
 //! Supabase access tokens (docs/api.md, "Authentication"): verification and the extractors that are the only
 //! place handlers learn who is calling.
 //!
-//! A token is verified once per request by [`authenticate`], a middleware that also feeds the
-//! rate limiter; the extractors ([`AuthUser`], [`AdminCaller`]) read its verdict.
+//! A token is verified once per request by [`identify`], which the router's `/v1` middleware
+//! calls before the rate limit; the extractors ([`AuthUser`], [`AdminCaller`]) read its verdict.
 
 pub mod cache;
 mod es256;
@@ -11,11 +11,9 @@ pub mod jwks;
 use std::sync::Arc;
 
 use crate::db::ServicePool;
-use axum::extract::{FromRef, FromRequestParts, Request, State};
+use axum::extract::{FromRef, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
-use axum::middleware::Next;
-use axum::response::Response;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use uuid::Uuid;
@@ -308,23 +306,19 @@ fn query_token(request: &Request) -> Option<Result<String, Refusal>> {
     })
 }
 
-/// Verifies the bearer token, if any, once per request and records the verdict for the
-/// extractors and the rate limiter. The `Authorization` header comes first; the query string
-/// is read only where [`QUERY_TOKEN_PATHS`] allows it.
-pub async fn authenticate(
-    State(verifier): State<Arc<TokenVerifier>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// Verifies the bearer token, if any, once per request, and records the verdict as the
+/// request's [`Caller`] for the extractors and the rate limiter. The `Authorization` header
+/// comes first; the query string is read only where [`QUERY_TOKEN_PATHS`] allows it. (The
+/// router calls it for every `/v1` request.)
+pub async fn identify(verifier: &TokenVerifier, request: &mut Request) {
     let caller = match bearer_token(request.headers()) {
-        Some(found) => verdict(&verifier, found).await,
-        None => match query_token(&request) {
-            Some(found) => verdict(&verifier, found.as_deref().map_err(|why| *why)).await,
+        Some(found) => verdict(verifier, found).await,
+        None => match query_token(request) {
+            Some(found) => verdict(verifier, found.as_deref().map_err(|why| *why)).await,
             None => Caller::Nobody,
         },
     };
     request.extensions_mut().insert(caller);
-    next.run(request).await
 }
 
 async fn verdict(verifier: &TokenVerifier, found: Result<&str, Refusal>) -> Caller {
