@@ -600,34 +600,45 @@ async fn without_a_secret_hs256_tokens_are_refused(pool: PgPoolOptions, connect:
 // Verified tokens are remembered until they expire (src/auth/cache.rs); the time bounds are
 // tested there with explicit times.
 
+/// Signs in with the project's ES256 key (the token is now remembered), makes the JWKS
+/// server answer as `change` says, then sends the token until it is refused (each request
+/// with the token starts a refresh of the keys). The app, the server and the user's claims.
+async fn remembered_until_the_keys_change(
+    connect: PgConnectOptions,
+    change: Behaviour,
+) -> (TestApp, JwksServer, Value) {
+    let jwks = jwks_server().await;
+    let app = app_with_jwks_timing(connect, &jwks, always_refreshing()).await;
+    let user = app.user().await;
+    let claims = user_claims(user.id, &user.email);
+    let token = sign_es256(&claims, KID, project_key());
+    assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
+    assert_eq!(app.state.verifier.cached_tokens(), 1);
+
+    jwks.behave(change);
+    loop {
+        let status = app.get("/v1/me", Some(&token)).await.status;
+        if status == 200 {
+            tokio::task::yield_now().await;
+        } else {
+            assert_eq!(status, 401);
+            break;
+        }
+    }
+    assert_eq!(app.get("/v1/me", Some(&token)).await.status, 401);
+    (app, jwks, claims)
+}
+
 #[sqlx::test]
 async fn a_remembered_token_is_refused_once_the_jwks_drops_its_key(
     pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
     let _ = pool;
-    tokio::time::timeout(GUARD, async {
-        let jwks = jwks_server().await;
-        let app = app_with_jwks_timing(connect, &jwks, always_refreshing()).await;
-        let user = app.user().await;
-        let token = sign_es256(&user_claims(user.id, &user.email), KID, project_key());
-        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
-        assert_eq!(app.state.verifier.cached_tokens(), 1);
-
-        // The project revokes the key. Requests go on finding the token remembered, and each
-        // starts a refresh; once one has brought the new key set, the token is refused.
-        jwks.behave(Behaviour::Revoked);
-        loop {
-            let status = app.get("/v1/me", Some(&token)).await.status;
-            if status == 200 {
-                tokio::task::yield_now().await;
-            } else {
-                assert_eq!(status, 401);
-                break;
-            }
-        }
-        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 401);
-    })
+    tokio::time::timeout(
+        GUARD,
+        remembered_until_the_keys_change(connect, Behaviour::Revoked),
+    )
     .await
     .expect("a token whose key was revoked must stop being accepted");
 }
@@ -638,32 +649,16 @@ async fn a_remembered_token_is_refused_once_its_kid_names_another_key(
     connect: PgConnectOptions,
 ) {
     let _ = pool;
-    tokio::time::timeout(GUARD, async {
-        let jwks = jwks_server().await;
-        let app = app_with_jwks_timing(connect, &jwks, always_refreshing()).await;
-        let user = app.user().await;
-        let claims = user_claims(user.id, &user.email);
-        let token = sign_es256(&claims, KID, project_key());
-        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 200);
-
-        jwks.behave(Behaviour::Replaced);
-        loop {
-            let status = app.get("/v1/me", Some(&token)).await.status;
-            if status == 200 {
-                tokio::task::yield_now().await;
-            } else {
-                assert_eq!(status, 401);
-                break;
-            }
-        }
-        // The key now published under that kid signs the tokens that pass.
-        let other = include_bytes!("fixtures/es256_other_private.pem");
-        let renewed = sign_es256(&claims, KID, other);
-        assert_eq!(app.get("/v1/me", Some(&renewed)).await.status, 200);
-        assert_eq!(app.get("/v1/me", Some(&token)).await.status, 401);
-    })
+    let (app, _jwks, claims) = tokio::time::timeout(
+        GUARD,
+        remembered_until_the_keys_change(connect, Behaviour::Replaced),
+    )
     .await
     .expect("a token whose key was replaced must stop being accepted");
+    // The key now published under that kid signs the tokens that pass.
+    let other = include_bytes!("fixtures/es256_other_private.pem");
+    let renewed = sign_es256(&claims, KID, other);
+    assert_eq!(app.get("/v1/me", Some(&renewed)).await.status, 200);
 }
 
 #[sqlx::test]

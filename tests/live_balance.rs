@@ -799,22 +799,17 @@ async fn credits_about_to_expire_are_announced_once(
 
     // Another grant (that never expires): its transaction comes next, with no expiry announced
     // a second time before or after it.
-    sqlx::query("select public.add_credits($1, 1, 'admin', 'plain', null, null)")
-        .bind(user.id)
-        .execute(&app.owner)
-        .await
-        .unwrap();
-    let event = stream.next().await.unwrap();
-    assert_eq!(event.name, "transaction", "{:?}", event.data);
-    assert_eq!(event.data["amount"], 1);
-    sqlx::query("select public.add_credits($1, 3, 'admin', 'plain again', null, null)")
-        .bind(user.id)
-        .execute(&app.owner)
-        .await
-        .unwrap();
-    let event = stream.next().await.unwrap();
-    assert_eq!(event.name, "transaction", "{:?}", event.data);
-    assert_eq!(event.data["amount"], 3);
+    for amount in [1, 3] {
+        sqlx::query("select public.add_credits($1, $2, 'admin', 'plain', null, null)")
+            .bind(user.id)
+            .bind(amount)
+            .execute(&app.owner)
+            .await
+            .unwrap();
+        let event = stream.next().await.unwrap();
+        assert_eq!(event.name, "transaction", "{:?}", event.data);
+        assert_eq!(event.data["amount"], amount);
+    }
 }
 
 #[sqlx::test]
