@@ -4,8 +4,9 @@
 use axum::Json;
 use axum::extract::{OriginalUri, State};
 use axum::http::{Method, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -13,6 +14,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
+use crate::batch;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{ApiJson, ApiQuery, List, Page, PageParams, check_text};
 use crate::idempotency::{self, Claim, IdempotencyKey};
@@ -183,7 +185,22 @@ async fn spend_once(
     hash: &[u8],
     request: &SpendRequest,
 ) -> ApiResult<Response> {
-    let mut work = match idempotency::try_processing(&state.pool, owner, key, hash).await? {
+    let Some(key) = key else {
+        // Without a key there is nothing to store with the spend: it can share its round trip
+        // and its commit with the spends that arrive with it.
+        let transaction = spend_together(state, user.id, request).await?;
+        telemetry::credits_spent("spend", request.amount);
+        let balance = transaction.balance_after;
+        return Ok((
+            StatusCode::CREATED,
+            Json(BalanceChange {
+                transaction,
+                balance,
+            }),
+        )
+            .into_response());
+    };
+    let mut work = match idempotency::try_processing(&state.pool, owner, Some(key), hash).await? {
         Claim::Replay(answer) => return Ok(answer),
         Claim::Start(work) => work,
     };
@@ -212,4 +229,151 @@ async fn spend_once(
         .await?;
     telemetry::credits_spent("spend", request.amount);
     Ok(answer)
+}
+
+/// A spend without an Idempotency-Key, as it waits for its batch.
+struct SpendItem {
+    user_id: Uuid,
+    amount: i32,
+    description: Option<String>,
+    reference: Option<String>,
+}
+
+/// The most spends in one statement: each is a subtransaction, and PostgreSQL keeps up to 64
+/// of a transaction's subtransactions in shared memory before other sessions' snapshots slow
+/// down.
+const SPENDS_TOGETHER: usize = 32;
+
+/// Runs one spend with those that arrive with it (`batch`); a spend the batch refused runs
+/// again alone, so that its answer is exactly the single call's (the refusal undid it).
+async fn spend_together(
+    state: &AppState,
+    user_id: Uuid,
+    request: &SpendRequest,
+) -> ApiResult<Transaction> {
+    let item = SpendItem {
+        user_id,
+        amount: request.amount as i32,
+        description: request.description.clone(),
+        reference: request.reference.clone(),
+    };
+    let batcher = state
+        .batches
+        .get::<SpendItem, Option<Transaction>>("spend", SPENDS_TOGETHER);
+    if let Some(transaction) = batcher.run(&state.pool, item, run_spends).await? {
+        return Ok(transaction);
+    }
+    spend_alone(&state.pool, user_id, request).await
+}
+
+/// One spend, alone, on a connection of its own.
+async fn spend_alone(
+    pool: &db::ServicePool,
+    user_id: Uuid,
+    request: &SpendRequest,
+) -> ApiResult<Transaction> {
+    Ok(sqlx::query_as!(
+        Transaction,
+        r#"select id as "id!", amount as "amount!", balance_after as "balance_after!",
+                  source as "source!", description, reference, created_at as "created_at!",
+                  seq as "seq!"
+             from public.spend_credits($1, $2, $3, $4)"#,
+        user_id,
+        request.amount as i32,
+        request.description.as_deref(),
+        request.reference.as_deref(),
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// A batch of spends in one call of `spend_credits_together`: each item's transaction, or
+/// `None` when the database refused that spend (it is then run alone for its exact answer).
+fn run_spends(
+    pool: &db::ServicePool,
+    conn: db::ServiceConnection,
+    items: Vec<SpendItem>,
+) -> BoxFuture<'static, Vec<ApiResult<Option<Transaction>>>> {
+    let pool = pool.clone();
+    Box::pin(async move {
+        let n = items.len();
+        let mut users = Vec::with_capacity(n);
+        let mut amounts = Vec::with_capacity(n);
+        let mut descriptions = Vec::with_capacity(n);
+        let mut references = Vec::with_capacity(n);
+        for item in items {
+            users.push(item.user_id);
+            amounts.push(item.amount);
+            descriptions.push(item.description);
+            references.push(item.reference);
+        }
+        let outcome = async {
+            let mut unit = db::Unit::start(&pool, conn).await?;
+            let rows = sqlx::query!(
+                r#"select item as "item!", id, amount, balance_after, source, description,
+                          reference, created_at, seq, failure
+                     from public.spend_credits_together($1, $2, $3, $4)"#,
+                &users,
+                &amounts,
+                &descriptions as &[Option<String>],
+                &references as &[Option<String>],
+            )
+            .fetch_all(&mut *unit)
+            .await?;
+            unit.done().await?;
+            Ok::<_, sqlx::Error>(rows)
+        }
+        .await;
+        let rows = match outcome {
+            Ok(rows) => rows,
+            Err(e) => return batch::each_failed(e, n),
+        };
+        let mut answers: Vec<ApiResult<Option<Transaction>>> = (0..n)
+            .map(|_| {
+                Err(ApiError::Internal(anyhow::anyhow!(
+                    "the batch of spends did not answer every spend"
+                )))
+            })
+            .collect();
+        for row in rows {
+            let Some(answer) = usize::try_from(row.item - 1)
+                .ok()
+                .and_then(|i| answers.get_mut(i))
+            else {
+                continue;
+            };
+            *answer = Ok(
+                match (
+                    row.failure,
+                    row.id,
+                    row.amount,
+                    row.balance_after,
+                    row.source,
+                    row.created_at,
+                    row.seq,
+                ) {
+                    (
+                        None,
+                        Some(id),
+                        Some(amount),
+                        Some(balance_after),
+                        Some(source),
+                        Some(created_at),
+                        Some(seq),
+                    ) => Some(Transaction {
+                        id,
+                        amount,
+                        balance_after,
+                        source,
+                        description: row.description,
+                        reference: row.reference,
+                        created_at,
+                        seq,
+                    }),
+                    _ => None,
+                },
+            );
+        }
+        answers
+    })
 }

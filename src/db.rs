@@ -537,6 +537,55 @@ impl std::ops::DerefMut for ServiceTransaction {
     }
 }
 
+/// A connection of the pool ready for one unit of work, run the way the pool's own queries
+/// run: as it is in session mode, inside a transaction of its own (begun as
+/// [`ServicePool::begin`] begins) in transaction mode. [`Unit::done`] ends the work.
+pub enum Unit {
+    Plain(ServiceConnection),
+    Transaction(ServiceTransaction),
+}
+
+impl Unit {
+    /// Makes `conn`, taken from this `pool`, ready for one unit of work.
+    pub async fn start(pool: &ServicePool, conn: ServiceConnection) -> Result<Unit, sqlx::Error> {
+        Ok(match pool.mode() {
+            PoolMode::Session => Unit::Plain(conn),
+            PoolMode::Transaction => Unit::Transaction(conn.begin().await?),
+        })
+    }
+
+    /// The work ran to its end: commits it (transaction mode) and gives the connection back.
+    pub async fn done(self) -> Result<(), sqlx::Error> {
+        match self {
+            Unit::Plain(mut conn) => {
+                conn.finished();
+                Ok(())
+            }
+            Unit::Transaction(tx) => tx.commit().await,
+        }
+    }
+}
+
+impl std::ops::Deref for Unit {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        match self {
+            Unit::Plain(conn) => conn,
+            Unit::Transaction(tx) => tx,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Unit {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self {
+            Unit::Plain(conn) => conn,
+            Unit::Transaction(tx) => tx,
+        }
+    }
+}
+
 impl<'p> Executor<'p> for &'_ ServicePool {
     type Database = Postgres;
 

@@ -9,8 +9,8 @@
 //! Modules come in layers, and each imports only from layers below it:
 //!
 //! 1. plumbing: [`config`], [`limits`], [`error`], [`extract`], [`auth`], [`rate_limit`],
-//!    [`idempotency`], [`db`], [`telemetry`], [`openapi`] (the document's frame and what makes
-//!    it exact), [`stripe_api`] (the one client of Stripe's API), [`admob_keys`] (Google's
+//!    [`idempotency`], [`db`], [`batch`] (work that arrives together shares a round trip),
+//!    [`telemetry`], [`openapi`] (the document's frame and what makes it exact), [`stripe_api`] (the one client of Stripe's API), [`admob_keys`] (Google's
 //!    keys for AdMob's reward callbacks) and [`notifications`] (the ledger's `LISTEN`, fanned
 //!    out to each user's streams);
 //! 2. [`state`]: the shared state, built from the plumbing;
@@ -24,6 +24,7 @@
 // 1. plumbing
 pub mod admob_keys;
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod db;
 pub mod error;

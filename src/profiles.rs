@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -10,6 +11,8 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
+use crate::batch;
+use crate::db::{ServiceConnection, ServicePool, Unit};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{ApiJson, check_line, is_http_url};
 use crate::limits;
@@ -144,7 +147,7 @@ impl From<ProfileRow> for Profile {
 }
 
 /// The profile of `id`, read as `service_role` (admin routes).
-pub async fn fetch(pool: &crate::db::ServicePool, id: Uuid) -> ApiResult<Option<Profile>> {
+pub async fn fetch(pool: &ServicePool, id: Uuid) -> ApiResult<Option<Profile>> {
     let row = sqlx::query_as!(
         ProfileRow,
         r#"select p.id, p.email, p.display_name, p.avatar_url, b.credits as "credits!", p.is_admin,
@@ -179,16 +182,110 @@ pub async fn fetch(pool: &crate::db::ServicePool, id: Uuid) -> ApiResult<Option<
     )
 )]
 pub async fn get_me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Profile>> {
-    let profile = read_as_user(&state.pool, &user.claims).await?;
+    let profile = read_together(&state, &user.claims).await?;
     Ok(Json(profile.ok_or(ApiError::ProfileNotFound)?))
+}
+
+/// The most profile reads in one statement.
+const READS_TOGETHER: usize = 32;
+
+/// As [`read_as_user`], sharing its round trip with the profile reads that arrive with it
+/// (`batch`). A read the batch could not answer runs again alone.
+async fn read_together(state: &AppState, claims: &str) -> ApiResult<Option<Profile>> {
+    let batcher = state
+        .batches
+        .get::<String, Option<Option<Profile>>>("profile_read", READS_TOGETHER);
+    match batcher
+        .run(&state.pool, claims.to_owned(), run_reads)
+        .await?
+    {
+        Some(read) => Ok(read),
+        None => read_as_user(&state.pool, claims).await,
+    }
+}
+
+/// A batch of profile reads in one statement, each as its own user (the verified claims):
+/// each read's profile, `Some(None)` when the user has none, or `None` for every read when the
+/// statement failed for a reason of its own (they are then run alone, for their own answers).
+fn run_reads(
+    pool: &ServicePool,
+    conn: ServiceConnection,
+    claims: Vec<String>,
+) -> BoxFuture<'static, Vec<ApiResult<Option<Option<Profile>>>>> {
+    let pool = pool.clone();
+    Box::pin(async move {
+        let n = claims.len();
+        let outcome = async {
+            let mut unit = Unit::start(&pool, conn).await?;
+            let rows = sqlx::query!(
+                r#"select c.n as "item!", p.id as "id!", p.email, p.display_name, p.avatar_url,
+                          b.credits as "credits!", p.is_admin as "is_admin!",
+                          a.views_today as "views_today!", a.daily_limit as "daily_limit!",
+                          a.views_remaining as "views_remaining!", a.resets_at as "resets_at!",
+                          p.subscription_status, p.subscription_plan,
+                          p.subscription_current_period_end, p.low_balance_threshold,
+                          p.created_at as "created_at!", p.updated_at as "updated_at!",
+                          b.available as "available!", b.held as "held!", b.paid as "paid!",
+                          b.promotional as "promotional!", b.expiring as "expiring!"
+                     from unnest($1::text[]) with ordinality as c(claims, n)
+                    cross join lateral public.profile_as_user(c.claims) p
+                    cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
+                    cross join lateral public.credit_balance(p.id) b"#,
+                &claims,
+            )
+            .fetch_all(&mut *unit)
+            .await?;
+            unit.done().await?;
+            Ok::<_, sqlx::Error>(rows)
+        }
+        .await;
+        let rows = match outcome {
+            Ok(rows) => rows,
+            Err(e) if crate::error::database_fault(&e).is_some() => {
+                return batch::each_failed(e, n);
+            }
+            Err(_) => return (0..n).map(|_| Ok(None)).collect(),
+        };
+        let mut reads: Vec<ApiResult<Option<Option<Profile>>>> =
+            (0..n).map(|_| Ok(Some(None))).collect();
+        for r in rows {
+            let Some(read) = usize::try_from(r.item - 1)
+                .ok()
+                .and_then(|i| reads.get_mut(i))
+            else {
+                continue;
+            };
+            *read = Ok(Some(Some(Profile::from(ProfileRow {
+                id: r.id,
+                email: r.email,
+                display_name: r.display_name,
+                avatar_url: r.avatar_url,
+                credits: r.credits,
+                is_admin: r.is_admin,
+                views_today: r.views_today,
+                daily_limit: r.daily_limit,
+                views_remaining: r.views_remaining,
+                resets_at: r.resets_at,
+                subscription_status: r.subscription_status,
+                subscription_plan: r.subscription_plan,
+                subscription_current_period_end: r.subscription_current_period_end,
+                low_balance_threshold: r.low_balance_threshold,
+                created_at: r.created_at,
+                updated_at: r.updated_at,
+                available: r.available,
+                held: r.held,
+                paid: r.paid,
+                promotional: r.promotional,
+                expiring: r.expiring,
+            }))));
+        }
+        reads
+    })
 }
 
 /// The profile of the user whose verified claims these are, read as that user: what
 /// `GET /v1/me` answers, and what the live stream's `balance` event is made from.
-pub async fn read_as_user(
-    pool: &crate::db::ServicePool,
-    claims: &str,
-) -> ApiResult<Option<Profile>> {
+pub async fn read_as_user(pool: &ServicePool, claims: &str) -> ApiResult<Option<Profile>> {
     // One round trip: the function reads as the user, under RLS (see the user reads migration).
     let row = sqlx::query_as!(
         ProfileRow,

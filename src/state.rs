@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::extract::FromRef;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::batch::Batchers;
 use crate::db::ServicePool;
 
 use crate::admob_keys::AdmobKeys;
@@ -41,6 +42,8 @@ pub struct Shared {
     /// The ledger's notifications, fanned out to the live streams; listening starts with
     /// [`Notifications::start`] (the server does it, on `DATABASE_DIRECT_URL`).
     pub notifications: Notifications,
+    /// The queues of work that shares round trips when it arrives together (`batch`).
+    pub batches: Batchers,
 }
 
 impl std::ops::Deref for AppState {
@@ -82,6 +85,7 @@ impl AppState {
             metrics: telemetry::metrics_handle(),
             draining: AtomicBool::new(false),
             notifications: Notifications::new(),
+            batches: Batchers::default(),
         }))
     }
 

@@ -62,6 +62,7 @@ const REQUIRED_FUNCTIONS: &[&str] = &[
     "is_admin",
     "add_credits",
     "spend_credits",
+    "spend_credits_together",
     "handle_ad_view",
     "create_profile_on_signup",
     "open_ad_session",
@@ -80,6 +81,7 @@ const REQUIRED_FUNCTIONS: &[&str] = &[
 const PRIVILEGED_FUNCTIONS: &[&str] = &[
     "add_credits",
     "spend_credits",
+    "spend_credits_together",
     "handle_ad_view",
     "open_ad_session",
     "complete_ad_session",
