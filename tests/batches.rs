@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::{TestApp, all_at_once, test_config, user_token};
 use serde_json::json;
@@ -157,4 +158,87 @@ async fn profile_reads_that_arrive_together_each_get_their_own_profile(
     let (batches, items) = app.state.batches.counts("profile_read");
     assert_eq!(items, 72);
     assert!(batches < items, "{batches} batches for {items} reads");
+}
+
+/// Waits until `count` sessions of this database wait for a lock.
+async fn lock_waiters(app: &TestApp, count: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+              where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.owner)
+        .await
+        .unwrap();
+        if waiting >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} of {count} sessions wait"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[sqlx::test]
+async fn spends_stuck_behind_a_row_lock_do_not_hold_up_the_others(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let app = Arc::new(TestApp::new(pool, connect).await);
+    let mut users = Vec::new();
+    for _ in 0..7 {
+        let user = app.user().await;
+        app.grant(user.id, 10).await;
+        users.push(user);
+    }
+
+    // Two users' rows are locked elsewhere; a spend of each waits, in a batch of its own.
+    let mut holders = Vec::new();
+    let mut stuck = Vec::new();
+    for (n, user) in users[..2].iter().enumerate() {
+        let mut holder = app.owner.begin().await.unwrap();
+        sqlx::query("select 1 from public.profiles where id = $1 for update")
+            .bind(user.id)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holders.push(holder);
+        let (server, token) = (app.clone(), user.token.clone());
+        stuck.push(tokio::spawn(async move {
+            server
+                .post("/v1/credits/spend", Some(&token), json!({"amount": 1}))
+                .await
+        }));
+        lock_waiters(&app, n as i64 + 1).await;
+    }
+
+    // The others' spends are answered while those two still wait.
+    let tokens: Vec<String> = users[2..].iter().map(|u| u.token.clone()).collect();
+    let others = all_at_once(5, |i| {
+        let (app, token) = (app.clone(), tokens[i].clone());
+        async move {
+            app.post("/v1/credits/spend", Some(&token), json!({"amount": 1}))
+                .await
+        }
+    });
+    let others = tokio::time::timeout(Duration::from_secs(10), others)
+        .await
+        .expect("spends of other users are not held up by the waiting ones");
+    for response in &others {
+        assert_eq!(response.status, 201, "{:?}", response.body);
+    }
+
+    for holder in holders {
+        holder.rollback().await.unwrap();
+    }
+    for spend in stuck {
+        let response = spend.await.unwrap();
+        assert_eq!(response.status, 201, "{:?}", response.body);
+    }
+    for user in &users {
+        assert_eq!(app.balance(user.id).await, 9);
+    }
 }
