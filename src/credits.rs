@@ -169,26 +169,11 @@ pub async fn spend(
         return Err(ApiError::Validation(errors));
     }
 
-    let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
-    let owner = user.id.to_string();
-    // The claim of the key, the spend and the stored answer are one unit of work: a conflict
-    // rolls all of it back and it runs again.
-    db::retrying_conflicts(|| spend_once(&state, &user, &owner, key.as_deref(), &hash, &request))
-        .await
-}
-
-async fn spend_once(
-    state: &AppState,
-    user: &AuthUser,
-    owner: &str,
-    key: Option<&str>,
-    hash: &[u8],
-    request: &SpendRequest,
-) -> ApiResult<Response> {
     let Some(key) = key else {
         // Without a key there is nothing to store with the spend: it can share its round trip
         // and its commit with the spends that arrive with it.
-        let transaction = spend_together(state, user.id, request).await?;
+        let transaction =
+            db::retrying_conflicts(|| spend_together(&state, user.id, &request)).await?;
         telemetry::credits_spent("spend", request.amount);
         let balance = transaction.balance_after;
         return Ok((
@@ -200,6 +185,21 @@ async fn spend_once(
         )
             .into_response());
     };
+    let hash = idempotency::fingerprint(&Method::POST, uri.path(), &body.document);
+    let owner = user.id.to_string();
+    // The claim of the key, the spend and the stored answer are one unit of work: a conflict
+    // rolls all of it back and it runs again.
+    db::retrying_conflicts(|| spend_once(&state, &user, &owner, &key, &hash, &request)).await
+}
+
+async fn spend_once(
+    state: &AppState,
+    user: &AuthUser,
+    owner: &str,
+    key: &str,
+    hash: &[u8],
+    request: &SpendRequest,
+) -> ApiResult<Response> {
     let mut work = match idempotency::try_processing(&state.pool, owner, Some(key), hash).await? {
         Claim::Replay(answer) => return Ok(answer),
         Claim::Start(work) => work,
@@ -328,13 +328,7 @@ fn run_spends(
             Ok(rows) => rows,
             Err(e) => return batch::each_failed(e, n),
         };
-        let mut answers: Vec<ApiResult<Option<Transaction>>> = (0..n)
-            .map(|_| {
-                Err(ApiError::Internal(anyhow::anyhow!(
-                    "the batch of spends did not answer every spend"
-                )))
-            })
-            .collect();
+        let mut answers: Vec<Option<Option<Transaction>>> = (0..n).map(|_| None).collect();
         for row in rows {
             let Some(answer) = usize::try_from(row.item - 1)
                 .ok()
@@ -342,7 +336,7 @@ fn run_spends(
             else {
                 continue;
             };
-            *answer = Ok(
+            *answer = Some(
                 match (
                     row.failure,
                     row.id,
@@ -375,5 +369,14 @@ fn run_spends(
             );
         }
         answers
+            .into_iter()
+            .map(|answer| {
+                answer.ok_or_else(|| {
+                    ApiError::Internal(anyhow::anyhow!(
+                        "the batch of spends did not answer every spend"
+                    ))
+                })
+            })
+            .collect()
     })
 }
