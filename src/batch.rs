@@ -258,6 +258,21 @@ impl Batchers {
     }
 }
 
+/// The answers of a batch's `n` items in their order, from rows numbered by item from 1 (as
+/// `with ordinality` numbers them): `None` for an item no row answered.
+pub fn by_item<T>(n: usize, rows: impl IntoIterator<Item = (i64, T)>) -> Vec<Option<T>> {
+    let mut answers: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    for (item, answer) in rows {
+        if let Some(slot) = usize::try_from(item - 1)
+            .ok()
+            .and_then(|i| answers.get_mut(i))
+        {
+            *slot = Some(answer);
+        }
+    }
+    answers
+}
+
 /// One batch-wide failure as the answer of each item: the database's outcome for the whole
 /// statement applies to all of them alike.
 pub fn each_failed<O>(err: sqlx::Error, n: usize) -> Vec<ApiResult<O>> {

@@ -328,16 +328,10 @@ fn run_spends(
             Ok(rows) => rows,
             Err(e) => return batch::each_failed(e, n),
         };
-        let mut answers: Vec<Option<Option<Transaction>>> = (0..n).map(|_| None).collect();
-        for row in rows {
-            let Some(answer) = usize::try_from(row.item - 1)
-                .ok()
-                .and_then(|i| answers.get_mut(i))
-            else {
-                continue;
-            };
-            *answer = Some(
-                match (
+        let answers = batch::by_item(
+            n,
+            rows.into_iter().map(|row| {
+                let transaction = match (
                     row.failure,
                     row.id,
                     row.amount,
@@ -365,9 +359,10 @@ fn run_spends(
                         seq,
                     }),
                     _ => None,
-                },
-            );
-        }
+                };
+                (i64::from(row.item), transaction)
+            }),
+        );
         answers
             .into_iter()
             .map(|answer| {

@@ -246,40 +246,38 @@ fn run_reads(
             }
             Err(_) => return (0..n).map(|_| Ok(None)).collect(),
         };
-        let mut reads: Vec<ApiResult<Option<Option<Profile>>>> =
-            (0..n).map(|_| Ok(Some(None))).collect();
-        for r in rows {
-            let Some(read) = usize::try_from(r.item - 1)
-                .ok()
-                .and_then(|i| reads.get_mut(i))
-            else {
-                continue;
-            };
-            *read = Ok(Some(Some(Profile::from(ProfileRow {
-                id: r.id,
-                email: r.email,
-                display_name: r.display_name,
-                avatar_url: r.avatar_url,
-                credits: r.credits,
-                is_admin: r.is_admin,
-                views_today: r.views_today,
-                daily_limit: r.daily_limit,
-                views_remaining: r.views_remaining,
-                resets_at: r.resets_at,
-                subscription_status: r.subscription_status,
-                subscription_plan: r.subscription_plan,
-                subscription_current_period_end: r.subscription_current_period_end,
-                low_balance_threshold: r.low_balance_threshold,
-                created_at: r.created_at,
-                updated_at: r.updated_at,
-                available: r.available,
-                held: r.held,
-                paid: r.paid,
-                promotional: r.promotional,
-                expiring: r.expiring,
-            }))));
-        }
-        reads
+        let found = batch::by_item(
+            n,
+            rows.into_iter().map(|r| {
+                let item = r.item;
+                let profile = Profile::from(ProfileRow {
+                    id: r.id,
+                    email: r.email,
+                    display_name: r.display_name,
+                    avatar_url: r.avatar_url,
+                    credits: r.credits,
+                    is_admin: r.is_admin,
+                    views_today: r.views_today,
+                    daily_limit: r.daily_limit,
+                    views_remaining: r.views_remaining,
+                    resets_at: r.resets_at,
+                    subscription_status: r.subscription_status,
+                    subscription_plan: r.subscription_plan,
+                    subscription_current_period_end: r.subscription_current_period_end,
+                    low_balance_threshold: r.low_balance_threshold,
+                    created_at: r.created_at,
+                    updated_at: r.updated_at,
+                    available: r.available,
+                    held: r.held,
+                    paid: r.paid,
+                    promotional: r.promotional,
+                    expiring: r.expiring,
+                });
+                (item, profile)
+            }),
+        );
+        // No row: that caller has no profile.
+        found.into_iter().map(|profile| Ok(Some(profile))).collect()
     })
 }
 

@@ -6,9 +6,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{TestApp, all_at_once, test_config, user_token};
+use common::{TestApp, all_at_once, test_config, user_token, wait_for_lock_waiters};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
@@ -160,28 +160,6 @@ async fn profile_reads_that_arrive_together_each_get_their_own_profile(
     assert!(batches < items, "{batches} batches for {items} reads");
 }
 
-/// Waits until `count` sessions of this database wait for a lock.
-async fn lock_waiters(app: &TestApp, count: i64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity
-              where datname = current_database() and wait_event_type = 'Lock'",
-        )
-        .fetch_one(&app.owner)
-        .await
-        .unwrap();
-        if waiting >= count {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{waiting} of {count} sessions wait"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[sqlx::test]
 async fn spends_stuck_behind_a_row_lock_do_not_hold_up_the_others(
     pool: PgPoolOptions,
@@ -212,7 +190,7 @@ async fn spends_stuck_behind_a_row_lock_do_not_hold_up_the_others(
                 .post("/v1/credits/spend", Some(&token), json!({"amount": 1}))
                 .await
         }));
-        lock_waiters(&app, n as i64 + 1).await;
+        wait_for_lock_waiters(&app.owner, n as i64 + 1).await;
     }
 
     // The others' spends are answered while those two still wait.

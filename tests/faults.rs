@@ -17,7 +17,9 @@ use amethyst_credits::db::CONFLICT_ATTEMPTS;
 use common::binary::{Binary, Database};
 use common::cluster::Cluster;
 use common::stripe::{FakeStripe, checkout_session, event, event_id, stripe_config};
-use common::{TestApp, TestResponse, TestUser, request, service_role_key, test_config};
+use common::{
+    TestApp, TestResponse, TestUser, request, service_role_key, test_config, wait_for_lock_waiters,
+};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -57,28 +59,6 @@ async fn ledger_holds(connect: &PgConnectOptions) -> bool {
     let mut conn = PgConnection::connect_with(connect).await.unwrap();
     let report = amethyst_credits::verify::run(&mut conn).await.unwrap();
     report.passed()
-}
-
-/// Waits until `count` sessions of this database wait for a lock.
-async fn wait_for_lock_waiters(owner: &PgPool, count: i64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity
-              where datname = current_database() and wait_event_type = 'Lock'",
-        )
-        .fetch_one(owner)
-        .await
-        .unwrap();
-        if waiting >= count {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{waiting} of {count} sessions wait"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Terminates the sessions of this database that wait for a lock, as an operator's

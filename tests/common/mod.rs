@@ -451,3 +451,25 @@ where
     }
     out
 }
+
+/// Waits until `count` sessions of this database wait for a lock.
+pub async fn wait_for_lock_waiters(owner: &PgPool, count: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+              where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(owner)
+        .await
+        .unwrap();
+        if waiting >= count {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{waiting} of {count} sessions wait"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
