@@ -191,6 +191,13 @@ async fn the_token_matrix_on_a_user_route(pool: PgPoolOptions, connect: PgConnec
     )
     .unwrap();
 
+    // A valid token taken apart, for tokens that are changed after signing.
+    let valid = sign_hs256(&claims, SECRET);
+    let (signing_input, signature) = valid.rsplit_once('.').unwrap();
+    let other_payload = sign_hs256(&with(&claims, json!({"role": "service_role"})), SECRET);
+    let other_payload = other_payload.split('.').nth(1).unwrap();
+    let header_part = signing_input.split('.').next().unwrap();
+
     let cases: Vec<(&str, Option<String>, StatusCode)> = vec![
         (
             "valid HS256",
@@ -242,6 +249,44 @@ async fn the_token_matrix_on_a_user_route(pool: PgPoolOptions, connect: PgConnec
                 &with(&claims, json!({"nbf": now + 600})),
                 SECRET,
             )),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "not yet valid, within the leeway",
+            Some(sign_hs256(&with(&claims, json!({"nbf": now + 30})), SECRET)),
+            StatusCode::OK,
+        ),
+        (
+            "exp with a fraction",
+            Some(sign_hs256(
+                &with(&claims, json!({"exp": (now + 3600) as f64 + 0.5})),
+                SECRET,
+            )),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "another payload under this signature",
+            Some(format!("{header_part}.{other_payload}.{signature}")),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "signature cut short",
+            Some(valid[..valid.len() - 2].to_owned()),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "signature padded",
+            Some(format!("{valid}=")),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "a fourth part",
+            Some(format!("{valid}.{signature}")),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "parts swapped",
+            Some(format!("{other_payload}.{header_part}.{signature}")),
             StatusCode::UNAUTHORIZED,
         ),
         (

@@ -7,6 +7,7 @@
 pub mod cache;
 mod es256;
 pub mod jwks;
+mod jws;
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use crate::db::ServicePool;
 use axum::extract::{FromRef, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::Algorithm;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -51,7 +52,7 @@ pub type Refusal = &'static str;
 /// Checks tokens against the configured HS256 secret and the JWKS keys, and remembers the
 /// ones it accepted until they expire (`JWT_CACHE_SIZE`, [`cache`]).
 pub struct TokenVerifier {
-    hs256: Option<DecodingKey>,
+    hs256: Option<jws::Hs256Key>,
     jwks: Option<JwksCache>,
     audience: String,
     issuer: Option<String>,
@@ -65,7 +66,7 @@ impl TokenVerifier {
             hs256: config
                 .secret
                 .as_ref()
-                .map(|s| DecodingKey::from_secret(s.expose().as_bytes())),
+                .map(|s| jws::Hs256Key::new(s.expose().as_bytes())),
             jwks: config
                 .jwks_url
                 .clone()
@@ -115,17 +116,18 @@ impl TokenVerifier {
 
     /// Checks the signature and the claims.
     async fn check(&self, token: &str) -> Result<cache::Entry, Refusal> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed token")?;
+        let parts = jws::Compact::split(token).ok_or("malformed token")?;
+        let header = parts.header().ok_or("malformed token")?;
 
         // Algorithms are pinned to their key source: HS256 only with the project secret,
         // asymmetric algorithms only with a JWKS key of that same algorithm.
-        let (algorithm, key, jwks_key) = match header.alg {
+        let (algorithm, jwks_key) = match header.alg {
             Algorithm::HS256 => {
-                let key = self
-                    .hs256
+                self.hs256
                     .as_ref()
-                    .ok_or("HS256 tokens are not accepted here")?;
-                (Algorithm::HS256, KeyRef::Borrowed(key), None)
+                    .ok_or("HS256 tokens are not accepted here")?
+                    .verify(&parts)?;
+                (Algorithm::HS256, None)
             }
             Algorithm::HS384 | Algorithm::HS512 => return Err("unsupported signing algorithm"),
             alg => {
@@ -141,32 +143,15 @@ impl TokenVerifier {
                 if found.algorithm != alg {
                     return Err("the signing algorithm does not match the key");
                 }
-                let checked_with = (Arc::from(kid), found.key.clone());
-                (alg, KeyRef::Shared(found.key), Some(checked_with))
+                parts.verify_with(&found.key, alg)?;
+                (alg, Some((Arc::from(kid), found.key)))
             }
         };
 
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = LEEWAY_SECONDS;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
-        // Audience and issuer are checked below, because the legacy service_role key has
-        // neither and is accepted on its own terms.
-        validation.validate_aud = false;
-
-        let data =
-            jsonwebtoken::decode::<TokenClaims>(token, key.get(), &validation).map_err(|err| {
-                match err.kind() {
-                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired",
-                    jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
-                        "the token is not valid yet"
-                    }
-                    jsonwebtoken::errors::ErrorKind::InvalidSignature => "bad signature",
-                    _ => "the token could not be verified",
-                }
-            })?;
-        let claims = data.claims;
+        // `exp` is required and, like `nbf`, checked with the leeway; audience and issuer are
+        // checked below, because the legacy service_role key has neither and is accepted on
+        // its own terms.
+        let (claims, signed_payload) = parts.claims(jsonwebtoken::get_current_timestamp())?;
 
         let role = match claims.role.as_deref() {
             Some("anon") => Role::Anon,
@@ -204,52 +189,15 @@ impl TokenVerifier {
                 role,
                 user_id,
                 is_anonymous: claims.is_anonymous.unwrap_or(false),
-                claims: signed_payload(token).ok_or("malformed token")?.into(),
+                claims: signed_payload.into(),
             },
-            // The bounds jsonwebtoken has just checked, with the same leeway.
+            // The bounds `claims` has just checked, with the same leeway.
             valid_through: claims.exp.saturating_add(LEEWAY_SECONDS),
             valid_from: claims
                 .nbf
                 .map_or(0, |nbf| nbf.saturating_sub(LEEWAY_SECONDS)),
             jwks_key,
         })
-    }
-}
-
-/// The claims this service reads; the rest travel untouched in the signed payload.
-#[derive(serde::Deserialize)]
-struct TokenClaims {
-    role: Option<String>,
-    sub: Option<Value>,
-    is_anonymous: Option<bool>,
-    aud: Option<Value>,
-    iss: Option<String>,
-    /// Whole seconds: jsonwebtoken has refused any other form before these are read.
-    exp: u64,
-    nbf: Option<u64>,
-}
-
-/// The payload exactly as signed (already verified by the caller), for `request.jwt.claims`.
-fn signed_payload(token: &str) -> Option<String> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    String::from_utf8(bytes).ok()
-}
-
-enum KeyRef<'a> {
-    Borrowed(&'a DecodingKey),
-    Shared(Arc<DecodingKey>),
-}
-
-impl KeyRef<'_> {
-    fn get(&self) -> &DecodingKey {
-        match self {
-            KeyRef::Borrowed(k) => k,
-            KeyRef::Shared(k) => k,
-        }
     }
 }
 
