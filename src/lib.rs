@@ -59,5 +59,5 @@ pub mod verify;
 
 pub use config::Config;
 pub use db::MIGRATOR;
-pub use router::app;
+pub use router::{App, app};
 pub use state::AppState;

@@ -8,12 +8,8 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
+use tower::{Layer, Service, ServiceExt};
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::TraceLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -54,13 +50,13 @@ pub fn openapi() -> serde_json::Value {
     openapi::exact(generated)
 }
 
-/// The whole service: routes, documentation and the layers every request goes through.
+/// The whole service: routes, documentation and what every request goes through.
 ///
 /// `Router::layer` wraps every route in the layer, as a boxed service of its own that each
 /// request clones, so only what needs the matched route is applied that way: the `/v1`
 /// middleware (the caller and the rate limit) and [`every_request`] (metrics are labelled
-/// by route). The rest is one stack around the router, built once.
-pub fn app(state: AppState) -> Router {
+/// by route). The rest is [`App`], one service around the router.
+pub fn app(state: AppState) -> App {
     let (routes, _) = routes();
     let v1 = routes.layer(middleware::from_fn_with_state(state.clone(), v1_request));
 
@@ -75,31 +71,172 @@ pub fn app(state: AppState) -> Router {
             every_request(timeout, req, next)
         }))
         .with_state(state);
-    let around = ServiceBuilder::new()
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            header::COOKIE,
-            HeaderName::from_static("stripe-signature"),
-        ]))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, telemetry::MakeRequestIds))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|request: &Request| {
-                let request_id = request
-                    .headers()
-                    .get(&REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
-            }),
-        )
-        .layer(CatchPanicLayer::custom(|_panic| {
-            ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
-        }))
-        .layer(cors)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .service(routed);
-    Router::new().fallback_service(around)
+    App::new(routed, cors)
+}
+
+/// What every request goes through around the router, in one service rather than a stack of
+/// layers (each of its own boxes a future, copies the answer, and some allocate per request):
+///
+/// - `Authorization`, `Cookie` and `Stripe-Signature` are marked sensitive, so that no log or
+///   debug output ever prints them;
+/// - a request without an `X-Request-Id` is given one, and the answer carries the request's
+///   (docs/api.md, "Request ids");
+/// - the request runs in a `request` span (method, path, request id); its start and end are
+///   logged at debug level, and an answer of 5xx as an error (`response failed`);
+/// - CORS (`CORS_ALLOWED_ORIGINS`): a request with an `Origin`, and every `OPTIONS`, goes
+///   through tower-http's CORS service; any other request cannot be a CORS one, and gets the
+///   headers that service gives such a request (`Vary`, `Access-Control-Expose-Headers`),
+///   read from it once at start-up;
+/// - bodies are limited to `BODY_LIMIT_BYTES`;
+/// - a panic is answered with a 500 (handlers' own panics are caught closer, by [`RunToEnd`]).
+#[derive(Clone)]
+pub struct App {
+    routed: Router,
+    cors: CorsLayer,
+    /// What the CORS service adds to the answer of a request without an `Origin`.
+    plain_cors_headers: axum::http::HeaderMap,
+}
+
+const SENSITIVE_HEADERS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    HeaderName::from_static("stripe-signature"),
+];
+
+impl App {
+    fn new(routed: Router, cors: CorsLayer) -> Self {
+        let plain_cors_headers = {
+            use futures_util::FutureExt;
+            let mut probe = cors.layer(tower::service_fn(|_: Request| async {
+                Ok::<_, std::convert::Infallible>(Response::new(axum::body::Body::empty()))
+            }));
+            let Ok(answer) = probe
+                .call(Request::new(axum::body::Body::empty()))
+                .now_or_never()
+                .expect("the CORS service answers at once");
+            answer.headers().clone()
+        };
+        Self {
+            routed,
+            cors,
+            plain_cors_headers,
+        }
+    }
+
+    /// The service `axum::serve` takes, handing each request its peer's address
+    /// (`ConnectInfo`, which the rate limit reads).
+    pub fn into_make_service_with_connect_info<C>(
+        self,
+    ) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Self, C> {
+        axum::ServiceExt::<Request>::into_make_service_with_connect_info(self)
+    }
+
+    fn limited(
+        &self,
+    ) -> impl tower::Service<
+        Request,
+        Response = Response,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static {
+        DefaultBodyLimit::max(BODY_LIMIT_BYTES).layer(self.routed.clone())
+    }
+}
+
+impl tower::Service<Request> for App {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        use futures_util::FutureExt;
+        use tracing::Instrument;
+
+        let headers = request.headers_mut();
+        for name in SENSITIVE_HEADERS {
+            if let header::Entry::Occupied(mut values) = headers.entry(name) {
+                for value in values.iter_mut() {
+                    value.set_sensitive(true);
+                }
+            }
+        }
+        let request_id = match headers.get(&REQUEST_ID) {
+            Some(given) => given.clone(),
+            None => {
+                let made = telemetry::new_request_id();
+                headers.insert(REQUEST_ID, made.clone());
+                made
+            }
+        };
+        let span = tracing::info_span!(
+            "request",
+            method = %request.method(),
+            path = %request.uri().path(),
+            request_id = request_id.to_str().unwrap_or_default(),
+        );
+        let plain =
+            !request.headers().contains_key(header::ORIGIN) && request.method() != Method::OPTIONS;
+        let answer = if plain {
+            self.limited().oneshot(request).left_future()
+        } else {
+            self.cors
+                .layer(self.limited())
+                .oneshot(request)
+                .right_future()
+        };
+        let plain_cors_headers = plain.then(|| self.plain_cors_headers.clone());
+
+        let handled = async move {
+            let started = std::time::Instant::now();
+            tracing::debug!("started processing request");
+            let Ok(mut response) = answer.await;
+            if let Some(cors_headers) = plain_cors_headers {
+                let headers = response.headers_mut();
+                for (name, value) in cors_headers {
+                    let Some(name) = name else { continue };
+                    if name == header::VARY {
+                        headers.append(name, value);
+                    } else {
+                        headers.insert(name, value);
+                    }
+                }
+            }
+            if !response.headers().contains_key(&REQUEST_ID) {
+                response.headers_mut().insert(REQUEST_ID, request_id);
+            }
+            let latency = started.elapsed();
+            tracing::debug!(
+                status = response.status().as_u16(),
+                latency_ms = latency.as_secs_f64() * 1e3,
+                "finished processing request"
+            );
+            if response.status().is_server_error() {
+                tracing::error!(
+                    status = response.status().as_u16(),
+                    latency_ms = latency.as_secs_f64() * 1e3,
+                    "response failed"
+                );
+            }
+            Ok(response)
+        }
+        .instrument(span);
+        std::panic::AssertUnwindSafe(handled)
+            .catch_unwind()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|_| {
+                    Ok(ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response())
+                })
+            })
+            .boxed()
+    }
 }
 
 /// Every `/v1` route: who is calling (the token, verified once), then the rate limit, which

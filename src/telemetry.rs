@@ -222,32 +222,22 @@ pub fn credits_spent(source: &'static str, amount: i64) {
     }
 }
 
-/// Makes the `X-Request-Id` of a request that came without one: a version 4 UUID, unique in
-/// this process (a counter through a bijective mix) and, by its random half, across processes.
+/// The `X-Request-Id` of a request that came without one: a version 4 UUID, unique in this
+/// process (a counter through a bijective mix) and, by its random half, across processes.
 /// Only the first one reads the system's random source; `Uuid::new_v4` costs a `getrandom`
 /// system call per request.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct MakeRequestIds;
-
-impl tower_http::request_id::MakeRequestId for MakeRequestIds {
-    fn make_request_id<B>(
-        &mut self,
-        _request: &axum::http::Request<B>,
-    ) -> Option<tower_http::request_id::RequestId> {
-        static SEED: OnceLock<(u64, u64)> = OnceLock::new();
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let (prefix, offset) = *SEED.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair());
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&prefix.to_be_bytes());
-        bytes[8..].copy_from_slice(&mix(n.wrapping_add(offset)).to_be_bytes());
-        let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
-        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let text = id.hyphenated().encode_lower(&mut text);
-        axum::http::HeaderValue::from_str(text)
-            .ok()
-            .map(tower_http::request_id::RequestId::new)
-    }
+pub fn new_request_id() -> axum::http::HeaderValue {
+    static SEED: OnceLock<(u64, u64)> = OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let (prefix, offset) = *SEED.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair());
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&prefix.to_be_bytes());
+    bytes[8..].copy_from_slice(&mix(n.wrapping_add(offset)).to_be_bytes());
+    let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = id.hyphenated().encode_lower(&mut text);
+    axum::http::HeaderValue::from_str(text).expect("a UUID is a valid header value")
 }
 
 /// SplitMix64's finalizer: a bijection on 64 bits that scatters consecutive inputs.
@@ -259,18 +249,12 @@ pub fn mix(mut x: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use tower_http::request_id::MakeRequestId;
-
-    use super::MakeRequestIds;
+    use super::new_request_id;
 
     #[test]
     fn request_ids_are_distinct_version_4_uuids() {
-        let request = axum::http::Request::new(());
         let ids: std::collections::HashSet<String> = (0..10_000)
-            .map(|_| {
-                let id = MakeRequestIds.make_request_id(&request).unwrap();
-                id.header_value().to_str().unwrap().to_owned()
-            })
+            .map(|_| new_request_id().to_str().unwrap().to_owned())
             .collect();
         assert_eq!(ids.len(), 10_000);
         for id in ids.iter().take(100) {

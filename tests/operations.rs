@@ -606,6 +606,41 @@ async fn every_answer_carries_a_request_id_and_cors_allows_configured_origins(
         ))
         .await;
     assert!(other.headers.get("access-control-allow-origin").is_none());
+
+    // A request without an Origin takes a shorter way than the CORS service, and gets the same
+    // CORS headers as one that went through it.
+    let allowed = app
+        .send(request(
+            Method::GET,
+            "/health",
+            None,
+            None,
+            &[("origin", "https://app.amethyst.ai")],
+        ))
+        .await;
+    assert_eq!(
+        allowed.headers["access-control-allow-origin"],
+        "https://app.amethyst.ai"
+    );
+    for name in ["vary", "access-control-expose-headers"] {
+        let values = |answer: &common::TestResponse| -> Vec<String> {
+            answer
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect()
+        };
+        assert!(!values(&answer).is_empty(), "{name}");
+        assert_eq!(values(&answer), values(&allowed), "{name}");
+        assert_eq!(values(&answer), values(&other), "{name}");
+    }
+    assert!(
+        answer.headers["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .contains("x-request-id")
+    );
 }
 
 /// The URL of a database that does not exist yet, on the tests' server.

@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use amethyst_credits::{AppState, Config, app, db};
-use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
@@ -59,7 +58,7 @@ pub fn client_ads_config() -> Config {
 }
 
 pub struct TestApp {
-    pub router: Router,
+    pub router: amethyst_credits::App,
     pub state: AppState,
     /// Connected as the database owner, for setting up and inspecting state.
     pub owner: PgPool,
