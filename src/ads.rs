@@ -68,6 +68,7 @@ pub struct AdViewResult {
     pub balance: i32,
     pub views_today: i32,
     pub views_remaining: i32,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub resets_at: DateTime<Utc>,
 }
 

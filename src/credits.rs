@@ -39,6 +39,7 @@ pub struct Transaction {
     pub source: String,
     pub description: Option<String>,
     pub reference: Option<String>,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub created_at: DateTime<Utc>,
     #[serde(skip)]
     #[schema(ignore)]

@@ -49,10 +49,13 @@ pub struct Hold {
     pub status: String,
     pub reference: Option<String>,
     pub description: Option<String>,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub created_at: DateTime<Utc>,
     /// When an active hold lapses by itself, its credits available again.
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub expires_at: DateTime<Utc>,
     /// When it was captured, released or lapsed.
+    #[serde(serialize_with = "crate::timestamps::optional_utc")]
     pub settled_at: Option<DateTime<Utc>>,
     #[serde(skip)]
     #[schema(ignore)]

@@ -42,6 +42,7 @@ pub struct Image {
     pub analysis: Option<serde_json::Value>,
     /// The spend that paid for a generated image.
     pub transaction_id: Option<Uuid>,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub created_at: DateTime<Utc>,
 }
 

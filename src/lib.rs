@@ -10,7 +10,7 @@
 //!
 //! 1. plumbing: [`config`], [`limits`], [`error`], [`extract`], [`auth`], [`rate_limit`],
 //!    [`idempotency`], [`db`], [`batch`] (work that arrives together shares a round trip),
-//!    [`telemetry`], [`openapi`] (the document's frame and what makes it exact), [`stripe_api`] (the one client of Stripe's API), [`admob_keys`] (Google's
+//!    [`telemetry`], [`timestamps`] (how answers write them), [`openapi`] (the document's frame and what makes it exact), [`stripe_api`] (the one client of Stripe's API), [`admob_keys`] (Google's
 //!    keys for AdMob's reward callbacks) and [`notifications`] (the ledger's `LISTEN`, fanned
 //!    out to each user's streams);
 //! 2. [`state`]: the shared state, built from the plumbing;
@@ -36,6 +36,7 @@ pub mod openapi;
 pub mod rate_limit;
 pub mod stripe_api;
 pub mod telemetry;
+pub mod timestamps;
 // 2. the shared state
 pub mod state;
 // 3. features

@@ -40,7 +40,9 @@ pub struct Lot {
     /// Lower is spent first.
     pub priority: i32,
     /// Null: never expires.
+    #[serde(serialize_with = "crate::timestamps::optional_utc")]
     pub expires_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub created_at: DateTime<Utc>,
     #[serde(skip)]
     #[schema(ignore)]

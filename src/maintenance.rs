@@ -68,7 +68,9 @@ pub struct MaintenanceRun {
     pub id: i64,
     /// `daily`, `weekly` or `monthly`.
     pub task: String,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub started_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::timestamps::optional_utc")]
     pub finished_at: Option<DateTime<Utc>>,
     /// `running`, `ok`, `findings`, `failed` or `interrupted`.
     pub outcome: String,

@@ -56,7 +56,9 @@ pub struct AdminCreditPack {
     pub active: bool,
     /// Whether a payment of 0 (a trial invoice, a 100 % coupon) still grants the credits.
     pub grants_when_free: bool,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub updated_at: DateTime<Utc>,
 }
 

@@ -66,7 +66,9 @@ pub struct Profile {
     /// The balance under which the live stream (`GET /v1/me/events`) sends `low_balance`;
     /// null: the service's default (`LOW_BALANCE_THRESHOLD`); 0: no alerts.
     pub low_balance_threshold: Option<i32>,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub updated_at: DateTime<Utc>,
 }
 
@@ -76,6 +78,7 @@ pub struct Subscription {
     pub status: String,
     /// The credit pack the subscription is for.
     pub plan: Option<String>,
+    #[serde(serialize_with = "crate::timestamps::optional_utc")]
     pub current_period_end: Option<DateTime<Utc>>,
 }
 
@@ -98,6 +101,7 @@ pub struct Balance {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Expiring {
     pub amount: i32,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub expires_at: DateTime<Utc>,
 }
 
@@ -108,6 +112,7 @@ pub struct AdAllowance {
     pub daily_limit: i32,
     pub views_remaining: i32,
     /// The next midnight UTC, when the count starts again.
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub resets_at: DateTime<Utc>,
 }
 

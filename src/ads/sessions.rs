@@ -71,7 +71,9 @@ pub struct AdSession {
     pub status: AdSessionStatus,
     pub provider: Option<String>,
     pub ad_unit_id: Option<String>,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub started_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::timestamps::utc")]
     pub expires_at: DateTime<Utc>,
     pub ssv: SsvOptions,
     /// The paid view, once completed; its `duration_seconds` is the credited duration.
