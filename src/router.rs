@@ -53,23 +53,18 @@ pub fn openapi() -> serde_json::Value {
 /// The whole service: routes, documentation and what every request goes through.
 ///
 /// `Router::layer` wraps every route in the layer, as a boxed service of its own that each
-/// request clones, so only what needs the matched route is applied that way: the `/v1`
-/// middleware (the caller and the rate limit) and [`every_request`] (metrics are labelled
-/// by route). The rest is [`App`], one service around the router.
+/// request clones, so only what needs the matched route is applied that way, as one layer:
+/// [`every_request`] (metrics are labelled by route). The rest is [`App`], one service around
+/// the router.
 pub fn app(state: AppState) -> App {
     let (routes, _) = routes();
-    let v1 = routes.layer(middleware::from_fn_with_state(state.clone(), v1_request));
-
-    let timeout = state.config.request_timeout;
     let cors = cors(&state.config);
     let routed = Router::new()
-        .merge(v1)
+        .merge(routes)
         .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", openapi()))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            every_request(timeout, req, next)
-        }))
+        .layer(middleware::from_fn_with_state(state.clone(), every_request))
         .with_state(state);
     App::new(routed, cors)
 }
@@ -239,16 +234,6 @@ impl tower::Service<Request> for App {
     }
 }
 
-/// Every `/v1` route: who is calling (the token, verified once), then the rate limit, which
-/// counts per user when there is one.
-async fn v1_request(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    auth::identify(&state.verifier, &mut request).await;
-    match rate_limit::admit(&state.rate_limiter, &request) {
-        Ok(()) => next.run(request).await,
-        Err(refused) => refused.into_response(),
-    }
-}
-
 async fn not_found() -> ApiError {
     ApiError::NotFound("route")
 }
@@ -260,12 +245,24 @@ async fn not_found() -> ApiError {
 ///   too);
 /// - it times out (docs/api.md, "Request timeout") with a problem answer rather than a dropped
 ///   connection;
+/// - on `/v1/…`, its caller is identified (the token, verified once) and then the rate limit,
+///   which counts per user when there is one, admits it or answers 429;
 /// - its handler runs to its end, even when the client goes away or the time limit answers
 ///   first ([`RunToEnd`]): a spend the client gave up on still happens or not as a whole,
 ///   and its answer is stored under its Idempotency-Key for the retry.
-async fn every_request(limit: Duration, request: Request, next: Next) -> Response {
-    telemetry::track_requests(request, |request| async move {
-        let mut handler = RunToEnd(Some(Box::pin(next.run(request))));
+async fn every_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = state.config.request_timeout;
+    telemetry::track_requests(request, |mut request| async move {
+        let handler = async move {
+            if request.uri().path().starts_with("/v1/") {
+                auth::identify(&state.verifier, &mut request).await;
+                if let Err(refused) = rate_limit::admit(&state.rate_limiter, &request) {
+                    return refused.into_response();
+                }
+            }
+            next.run(request).await
+        };
+        let mut handler = RunToEnd(Some(Box::pin(handler)));
         match tokio::time::timeout(limit, &mut handler).await {
             Ok(response) => response,
             Err(_) => ApiError::Unavailable("the request took too long").into_response(),
