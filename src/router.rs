@@ -84,8 +84,12 @@ pub fn app(state: AppState) -> App {
 ///   read from it once at start-up;
 /// - bodies are limited to `BODY_LIMIT_BYTES`;
 /// - a panic is answered with a 500 (handlers' own panics are caught closer, by [`RunToEnd`]).
+///
+/// The server clones it for every request, so its contents are shared behind one `Arc`.
 #[derive(Clone)]
-pub struct App {
+pub struct App(std::sync::Arc<Around>);
+
+struct Around {
     routed: Router,
     cors: CorsLayer,
     /// What the CORS service adds to the answer of a request without an `Origin`.
@@ -111,11 +115,11 @@ impl App {
                 .expect("the CORS service answers at once");
             answer.headers().clone()
         };
-        Self {
+        Self(std::sync::Arc::new(Around {
             routed,
             cors,
             plain_cors_headers,
-        }
+        }))
     }
 
     /// The service `axum::serve` takes, handing each request its peer's address
@@ -135,7 +139,7 @@ impl App {
         Future: Send + 'static,
     > + Send
     + 'static {
-        DefaultBodyLimit::max(BODY_LIMIT_BYTES).layer(self.routed.clone())
+        DefaultBodyLimit::max(BODY_LIMIT_BYTES).layer(self.0.routed.clone())
     }
 }
 
@@ -182,25 +186,31 @@ impl tower::Service<Request> for App {
         let answer = if plain {
             self.limited().oneshot(request).left_future()
         } else {
-            self.cors
+            self.0
+                .cors
                 .layer(self.limited())
                 .oneshot(request)
                 .right_future()
         };
-        let plain_cors_headers = plain.then(|| self.plain_cors_headers.clone());
+        let plain_cors = plain.then(|| self.0.clone());
 
         let handled = async move {
             let started = std::time::Instant::now();
             tracing::debug!("started processing request");
             let Ok(mut response) = answer.await;
-            if let Some(cors_headers) = plain_cors_headers {
+            if let Some(around) = plain_cors {
                 let headers = response.headers_mut();
-                for (name, value) in cors_headers {
-                    let Some(name) = name else { continue };
-                    if name == header::VARY {
-                        headers.append(name, value);
-                    } else {
-                        headers.insert(name, value);
+                // As the CORS service adds them: `Vary` after any the answer has, any other
+                // name in place of the answer's own.
+                for name in around.plain_cors_headers.keys() {
+                    let mut values = around.plain_cors_headers.get_all(name).iter();
+                    if name != header::VARY
+                        && let Some(first) = values.next()
+                    {
+                        headers.insert(name.clone(), first.clone());
+                    }
+                    for value in values {
+                        headers.append(name.clone(), value.clone());
                     }
                 }
             }
