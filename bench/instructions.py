@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,49 +39,31 @@ def main() -> None:
             raise SystemExit(f"{name}: only plain, get and spend scenarios are counted here")
 
     work = Path(tempfile.mkdtemp(prefix="amethyst-instructions-"))
-    port = bench.free_port()
-    env = dict(os.environ)
-    env.pop("RUST_BACKTRACE", None)
-    env.update({
-        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{args.database}",
-        "BIND_ADDR": f"127.0.0.1:{port}", "SUPABASE_JWT_SECRET": bench.SECRET,
-        "STRIPE_WEBHOOK_SECRET": bench.WEBHOOK_SECRET, "RATE_LIMIT_PER_MINUTE": "0",
-        "DATABASE_MAX_CONNECTIONS": "16", "LOG_FORMAT": "json", "RUST_LOG": "warn",
-    })
+    os.environ.pop("RUST_BACKTRACE", None)  # a backtrace per error value is not the service's cost
     out = work / "callgrind.out"
-    service = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", args.binary, "serve", "--no-migrate"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
+    db = bench.Database(argparse.Namespace(database=args.database, pg_host="127.0.0.1", pg_port=5432,
+                                           pg_user="postgres"))
+    service = bench.Service(Path(args.binary), db, 16,
+                            wrapper=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"),
+                            ready_within=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                pass
-            if service.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the service did not start under valgrind")
-            time.sleep(0.5)
         tokens = bench.write_tokens(work / "tokens", range(1, args.users + 1), int(time.time()))
         nothing = work / "none"
         nothing.write_text("-\n")
         for name in args.scenarios.split(","):
             spec = bench.SCENARIOS[name]
-            url = f"http://127.0.0.1:{port}{spec['path']}"
+            url = f"http://127.0.0.1:{service.port}{spec['path']}"
             data = nothing if spec["mode"] == "plain" else tokens
             bench.run_wrk(url, spec["mode"], data, args.connections, 1, 2)  # warm-up, not counted
-            subprocess.run(["callgrind_control", "-z", str(service.pid)], check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-z", str(service.process.pid)], check=True, capture_output=True)
             http = bench.run_wrk(url, spec["mode"], data, args.connections, 1, args.duration)
-            subprocess.run(["callgrind_control", "-d", name, str(service.pid)], check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-d", name, str(service.process.pid)], check=True, capture_output=True)
             dump = max(glob.glob(f"{out}.*"), key=os.path.getmtime)
             total = int(re.search(r"^(?:summary|totals): (\d+)", Path(dump).read_text(), re.M).group(1))
             print(f"{name}: {http['requests']} requests, {http['errors']} errors, "
                   f"{total / http['requests']:,.0f} instructions per request ({dump})", flush=True)
     finally:
-        service.terminate()
-        service.wait()
+        service.stop()
 
 
 if __name__ == "__main__":

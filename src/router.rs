@@ -197,7 +197,11 @@ impl tower::Service<Request> for App {
         let handled = async move {
             let started = std::time::Instant::now();
             tracing::debug!("started processing request");
-            let Ok(mut response) = answer.await;
+            // A panic is answered like any 500: with the CORS headers and the request id.
+            let mut response = match std::panic::AssertUnwindSafe(answer).catch_unwind().await {
+                Ok(Ok(response)) => response,
+                Err(_) => ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response(),
+            };
             if let Some(around) = plain_cors {
                 let headers = response.headers_mut();
                 // As the CORS service adds them: `Vary` after any the answer has, any other
@@ -233,14 +237,7 @@ impl tower::Service<Request> for App {
             Ok(response)
         }
         .instrument(span);
-        std::panic::AssertUnwindSafe(handled)
-            .catch_unwind()
-            .map(|outcome| {
-                outcome.unwrap_or_else(|_| {
-                    Ok(ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response())
-                })
-            })
-            .boxed()
+        handled.boxed()
     }
 }
 
@@ -354,4 +351,92 @@ fn cors(config: &Config) -> CorsLayer {
             REQUEST_ID,
         ])
         .max_age(Duration::from_secs(600))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::get;
+
+    use super::*;
+
+    /// `App` around a router of its own, without `every_request` (and so without its
+    /// run-to-end guard), to see what `App` alone does.
+    fn app_around(routed: Router) -> App {
+        App::new(routed, CorsLayer::new())
+    }
+
+    async fn send(app: &App, request: Request) -> Response {
+        let Ok(response) = app.clone().oneshot(request).await;
+        response
+    }
+
+    #[tokio::test]
+    async fn secrets_in_headers_are_marked_sensitive_before_any_handler_sees_them() {
+        let app = app_around(Router::new().route(
+            "/",
+            get(|headers: HeaderMap| async move {
+                let sensitive = ["authorization", "cookie", "stripe-signature"]
+                    .iter()
+                    .all(|name| headers.get_all(*name).iter().all(|v| v.is_sensitive()));
+                let others = !headers["x-other"].is_sensitive();
+                format!("{}", sensitive && others)
+            }),
+        ));
+        let request = Request::builder()
+            .uri("/")
+            .header("authorization", "Bearer secret")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("stripe-signature", "t=1,v1=x")
+            .header("x-other", "plain")
+            .body(Body::empty())
+            .unwrap();
+        let response = send(&app, request).await;
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], b"true");
+    }
+
+    #[tokio::test]
+    async fn a_panic_outside_a_handler_guard_is_a_500_with_a_request_id() {
+        let app = app_around(Router::new().route(
+            "/",
+            get(|| async {
+                if true {
+                    panic!("a handler without its guard");
+                }
+            }),
+        ));
+        let response = send(&app, Request::new(Body::empty())).await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.headers().contains_key(&REQUEST_ID));
+    }
+
+    #[tokio::test]
+    async fn the_request_id_is_the_callers_or_a_new_one_and_comes_back() {
+        let app = app_around(Router::new().route(
+            "/",
+            get(|headers: HeaderMap| async move {
+                headers[&REQUEST_ID].to_str().unwrap_or_default().to_owned()
+            }),
+        ));
+        let given = Request::builder()
+            .uri("/")
+            .header("x-request-id", "abc-123")
+            .body(Body::empty())
+            .unwrap();
+        let response = send(&app, given).await;
+        assert_eq!(response.headers()[&REQUEST_ID], "abc-123");
+
+        let response = send(&app, Request::new(Body::empty())).await;
+        let returned = response.headers()[&REQUEST_ID].clone();
+        let seen_by_handler = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(returned.as_bytes(), &seen_by_handler[..]);
+        assert_eq!(returned.len(), 36, "a UUID");
+    }
 }
