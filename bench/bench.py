@@ -492,6 +492,12 @@ def measure(args, db: Database, service: Service, names, work: Path) -> list:
         else:
             a_vars = b_vars = variables
         script = spec.get("script", name)
+        # Only where the same requests stay valid: a warm-up would use up ad limits, holds and
+        # single-use webhook events before the measurement.
+        if args.warmup and spec["mode"] in ("plain", "get", "spend"):
+            log(f"{name}: warm-up, {args.warmup} s")
+            run_wrk(f"http://127.0.0.1:{service.port}{spec['path']}", spec["mode"], data,
+                    args.connections, args.wrk_threads, args.warmup)
         log(f"{name}: wrk {args.connections} connections for {args.duration} s")
         service.reset_peak_rss()
         cpu_before, wall_before = service.cpu_seconds(), time.monotonic()
@@ -586,6 +592,11 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--history-users", type=int, default=1000, help="users with 1,000 transactions")
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="seconds of the same load before each measurement, not counted (scenarios "
+                             "that read or spend only): the steady state of a service whose "
+                             "clients reuse their tokens, the token cache holding them by then, "
+                             "rather than its first seconds")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--pool", type=int, default=16, help="the service's database pool")
@@ -633,6 +644,9 @@ def main() -> None:
     machine = {"cpus": NCPU, "postgres": db.psql("show server_version", db="postgres", capture=True),
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                         capture_output=True).stdout.strip()}
+    # The service's own settings that change its CPU per request (README, "Configuration").
+    machine["service_env"] = {k: os.environ[k] for k in ("TOKIO_WORKER_THREADS", "JWT_CACHE_SIZE")
+                              if k in os.environ}
     if args.binary:
         machine["note"] = f"measured {args.binary}, not necessarily built from this commit"
 

@@ -520,7 +520,7 @@ impl Config {
                 jwks_timing: JwksTiming::default(),
                 audience: get("JWT_AUDIENCE").unwrap_or_else(|| "authenticated".to_owned()),
                 issuer,
-                cache_size: parse_number("JWT_CACHE_SIZE", get("JWT_CACHE_SIZE"), 10_000)?,
+                cache_size: parse_number("JWT_CACHE_SIZE", get("JWT_CACHE_SIZE"), 100_000)?,
             },
             stripe: StripeConfig {
                 secret_key: get("STRIPE_SECRET_KEY").map(Secret::new),
