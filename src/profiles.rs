@@ -5,6 +5,7 @@ use axum::extract::State;
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Deserializer, Serialize};
+use std::sync::Arc;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -14,7 +15,7 @@ use crate::auth::AuthUser;
 use crate::batch;
 use crate::db::{ServiceConnection, ServicePool, Unit};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::extract::{ApiJson, check_line, is_http_url};
+use crate::extract::{ApiJson, SizedJson, check_line, is_http_url};
 use crate::limits;
 use crate::state::AppState;
 
@@ -186,22 +187,29 @@ pub async fn fetch(pool: &ServicePool, id: Uuid) -> ApiResult<Option<Profile>> {
         (status = 404, description = "No profile for this user (`profile_not_found`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn get_me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Profile>> {
+pub async fn get_me(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> ApiResult<SizedJson<Profile, PROFILE_BYTES>> {
     let profile = read_together(&state, &user.claims).await?;
-    Ok(Json(profile.ok_or(ApiError::ProfileNotFound)?))
+    Ok(SizedJson(profile.ok_or(ApiError::ProfileNotFound)?))
 }
+
+/// Room for a profile's JSON: 474 bytes with no name or avatar and no expiring credits, about
+/// 50 bytes more for each lot that expires.
+const PROFILE_BYTES: usize = 1024;
 
 /// The most profile reads in one statement.
 const READS_TOGETHER: usize = 32;
 
 /// As [`read_as_user`], sharing its round trip with the profile reads that arrive with it
 /// (`batch`). A read the batch could not answer runs again alone.
-async fn read_together(state: &AppState, claims: &str) -> ApiResult<Option<Profile>> {
+async fn read_together(state: &AppState, claims: &Arc<str>) -> ApiResult<Option<Profile>> {
     let batcher = state
         .batches
-        .get::<String, Option<Option<Profile>>>("profile_read", READS_TOGETHER);
+        .get::<Arc<str>, Option<Option<Profile>>>("profile_read", READS_TOGETHER);
     match batcher
-        .run(&state.pool, claims.to_owned(), run_reads)
+        .run(&state.pool, Arc::clone(claims), run_reads)
         .await?
     {
         Some(read) => Ok(read),
@@ -215,11 +223,12 @@ async fn read_together(state: &AppState, claims: &str) -> ApiResult<Option<Profi
 fn run_reads(
     pool: &ServicePool,
     conn: ServiceConnection,
-    claims: Vec<String>,
+    claims: Vec<Arc<str>>,
 ) -> BoxFuture<'static, Vec<ApiResult<Option<Option<Profile>>>>> {
     let pool = pool.clone();
     Box::pin(async move {
         let n = claims.len();
+        let claims: Vec<&str> = claims.iter().map(|c| &**c).collect();
         let outcome = async {
             let mut unit = Unit::start(&pool, conn).await?;
             let rows = sqlx::query!(
@@ -236,7 +245,7 @@ fn run_reads(
                     cross join lateral public.profile_as_user(c.claims) p
                     cross join lateral public.ad_allowance(p.ad_views_date, p.ad_views_today) a
                     cross join lateral public.credit_balance(p.id) b"#,
-                &claims,
+                &claims as &[&str],
             )
             .fetch_all(&mut *unit)
             .await?;

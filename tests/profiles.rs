@@ -19,6 +19,7 @@ async fn signing_up_creates_a_profile_with_no_credits(
     let me = app.get("/v1/me", Some(&user.token)).await;
 
     assert_eq!(me.status, 200, "{:?}", me.body);
+    assert_eq!(me.headers["content-type"], "application/json");
     assert_eq!(me.body["id"], user.id.to_string());
     assert_eq!(me.body["email"], user.email);
     assert_eq!(me.body["display_name"], "Ada Lovelace");
