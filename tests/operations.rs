@@ -472,6 +472,18 @@ async fn callers_past_their_rate_limit_get_429_with_retry_after(
     // Another user has a budget of their own; health checks are never limited.
     assert_eq!(app.get("/v1/me", Some(&bob.token)).await.status, 200);
     assert_eq!(app.get("/health", None).await.status, 200);
+    // An unknown path under /v1/ is the API's too: probing for routes spends the caller's
+    // budget like any request. Paths outside /v1/ are never counted.
+    for status in [404, 404, 429] {
+        let probe = app.get("/v1/no-such-route", Some(&bob.token)).await;
+        assert_eq!(probe.status, status, "{:?}", probe.body);
+    }
+    for _ in 0..4 {
+        assert_eq!(
+            app.get("/no-such-route", Some(&bob.token)).await.status,
+            404
+        );
+    }
 }
 
 /// GETs the public catalogue from a real server (so the limiter sees the TCP peer,
