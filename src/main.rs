@@ -35,43 +35,56 @@ fn main() -> ExitCode {
     }
 }
 
-/// One worker per core, or as many as `TOKIO_WORKER_THREADS` says (tokio reads it). With one
+/// One worker per core, or as many as `TOKIO_WORKER_THREADS` says. With one
 /// (`TOKIO_WORKER_THREADS=1`, or a single core, a container's CPU quota included) everything
 /// runs on the main thread instead (tokio's current-thread runtime): no second thread to wake or
 /// to steal work from, which costs a fifth less CPU per request where the database shares a
 /// small machine's cores (bench/README.md).
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let setting = std::env::var("TOKIO_WORKER_THREADS").ok();
-    let mut builder = if one_worker(setting.as_deref(), || {
-        std::thread::available_parallelism().ok().map(|n| n.get())
-    }) {
+    let workers = match setting.as_deref().map(worker_threads).transpose() {
+        Ok(workers) => workers,
+        Err(message) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                message,
+            ));
+        }
+    };
+    let cores = || std::thread::available_parallelism().ok().map(|n| n.get());
+    let mut builder = if workers.or_else(cores) == Some(1) {
         tokio::runtime::Builder::new_current_thread()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(workers) = workers {
+            builder.worker_threads(workers);
+        }
+        builder
     };
     builder.enable_all().build()
 }
 
-/// Whether tokio's multi-thread runtime would have one worker: `TOKIO_WORKER_THREADS` when set,
-/// else the cores this process may use (`available_parallelism` counts a cgroup's CPU quota).
-fn one_worker(setting: Option<&str>, cores: impl FnOnce() -> Option<usize>) -> bool {
-    match setting {
-        Some(value) => value.trim().parse::<usize>() == Ok(1),
-        None => cores() == Some(1),
+/// `TOKIO_WORKER_THREADS` read as tokio would, with an error rather than tokio's panic.
+fn worker_threads(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "TOKIO_WORKER_THREADS must be a whole number of at least 1, not {value:?}"
+        )),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::one_worker;
+    use super::worker_threads;
 
     #[test]
-    fn one_worker_when_set_to_one_or_given_one_core() {
-        assert!(one_worker(Some("1"), || Some(8)), "the setting wins");
-        assert!(one_worker(Some(" 1 "), || Some(8)));
-        assert!(!one_worker(Some("2"), || Some(1)), "the setting wins");
-        assert!(one_worker(None, || Some(1)), "one core");
-        assert!(!one_worker(None, || Some(2)));
-        assert!(!one_worker(None, || None), "unknown: tokio's default");
+    fn worker_threads_are_a_whole_number_of_at_least_one() {
+        assert_eq!(worker_threads("1"), Ok(1));
+        assert_eq!(worker_threads(" 4 "), Ok(4));
+        for bad in ["0", "", "two", "-1", "1.5"] {
+            let message = worker_threads(bad).unwrap_err();
+            assert!(message.contains("TOKIO_WORKER_THREADS"), "{message}");
+        }
     }
 }
