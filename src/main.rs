@@ -42,8 +42,16 @@ fn main() -> ExitCode {
 /// small machine's cores (bench/README.md).
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let setting = std::env::var("TOKIO_WORKER_THREADS").ok();
-    let workers = match setting.as_deref().map(worker_threads).transpose() {
-        Ok(workers) => workers,
+    let cores = std::thread::available_parallelism().ok().map(|n| n.get());
+    let mut builder = match shape(setting.as_deref(), cores) {
+        Ok(Shape::MainThread) => tokio::runtime::Builder::new_current_thread(),
+        Ok(Shape::Workers(workers)) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(workers) = workers {
+                builder.worker_threads(workers);
+            }
+            builder
+        }
         Err(message) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -51,17 +59,27 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
             ));
         }
     };
-    let cores = || std::thread::available_parallelism().ok().map(|n| n.get());
-    let mut builder = if workers.or_else(cores) == Some(1) {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if let Some(workers) = workers {
-            builder.worker_threads(workers);
-        }
-        builder
-    };
     builder.enable_all().build()
+}
+
+/// How the runtime is built.
+#[derive(Debug, PartialEq, Eq)]
+enum Shape {
+    /// Everything on the main thread (tokio's current-thread runtime).
+    MainThread,
+    /// Worker threads: as many as given, or tokio's default of one per core.
+    Workers(Option<usize>),
+}
+
+/// The runtime for a `TOKIO_WORKER_THREADS` setting (if any) on a process that may use
+/// `cores` cores (if known): one worker is the main thread, whether set or all there is.
+fn shape(setting: Option<&str>, cores: Option<usize>) -> Result<Shape, String> {
+    let workers = setting.map(worker_threads).transpose()?;
+    Ok(if workers.or(cores) == Some(1) {
+        Shape::MainThread
+    } else {
+        Shape::Workers(workers)
+    })
 }
 
 /// `TOKIO_WORKER_THREADS` read as tokio would, with an error rather than tokio's panic.
@@ -76,7 +94,18 @@ fn worker_threads(value: &str) -> Result<usize, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::worker_threads;
+    use super::{Shape, shape, worker_threads};
+
+    #[test]
+    fn one_worker_set_or_one_core_is_the_main_thread() {
+        assert_eq!(shape(Some("1"), Some(8)), Ok(Shape::MainThread));
+        assert_eq!(shape(None, Some(1)), Ok(Shape::MainThread));
+        // A setting wins over the cores, either way.
+        assert_eq!(shape(Some("2"), Some(1)), Ok(Shape::Workers(Some(2))));
+        assert_eq!(shape(None, Some(4)), Ok(Shape::Workers(None)));
+        assert_eq!(shape(None, None), Ok(Shape::Workers(None)));
+        assert!(shape(Some("0"), Some(1)).is_err());
+    }
 
     #[test]
     fn worker_threads_are_a_whole_number_of_at_least_one() {
