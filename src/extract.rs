@@ -79,21 +79,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
 /// JSON has one kind of number: `5.0` is the whole number 5 (as JSON Schema says), so it is
 /// read as an integer wherever one is expected.
-pub fn whole_numbers_as_integers(value: Value) -> Value {
+pub fn whole_numbers_as_integers(mut value: Value) -> Value {
+    make_whole(&mut value);
+    value
+}
+
+/// [`whole_numbers_as_integers`] in place: a document without such numbers is left as it is,
+/// rather than rebuilt map by map.
+fn make_whole(value: &mut Value) {
     match value {
-        Value::Number(n) if !n.is_i64() && !n.is_u64() => match n.as_f64() {
-            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
-            _ => Value::Number(n),
-        },
-        Value::Array(items) => {
-            Value::Array(items.into_iter().map(whole_numbers_as_integers).collect())
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            if let Some(f) = n.as_f64()
+                && f.fract() == 0.0
+                && f.abs() < 9.0e15
+            {
+                *value = Value::from(f as i64);
+            }
         }
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (k, whole_numbers_as_integers(v)))
-                .collect(),
-        ),
-        other => other,
+        Value::Array(items) => items.iter_mut().for_each(make_whole),
+        Value::Object(map) => map.values_mut().for_each(make_whole),
+        _ => {}
     }
 }
 
@@ -347,5 +352,39 @@ mod sized_json_tests {
                 .unwrap();
             assert_eq!(body, serde_json::to_vec(&value).unwrap());
         }
+    }
+}
+
+#[cfg(test)]
+mod whole_number_tests {
+    use super::whole_numbers_as_integers;
+    use serde_json::json;
+
+    #[test]
+    fn whole_numbers_become_integers_at_any_depth_and_nothing_else_changes() {
+        let given = json!({
+            "amount": 5.0,
+            "negative": -2.0,
+            "fraction": 1.5,
+            "huge": 1.0e20,
+            "integer": 7,
+            "text": "3.0",
+            "items": [2.0, {"inner": 4.0}, null],
+        });
+        let made = whole_numbers_as_integers(given);
+        assert_eq!(
+            made,
+            json!({
+                "amount": 5,
+                "negative": -2,
+                "fraction": 1.5,
+                "huge": 1.0e20,
+                "integer": 7,
+                "text": "3.0",
+                "items": [2, {"inner": 4}, null],
+            })
+        );
+        assert!(made["amount"].is_i64() && made["items"][1]["inner"].is_i64());
+        assert!(made["huge"].is_f64());
     }
 }

@@ -211,15 +211,48 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 /// Credits added to a balance, for the dashboard.
 pub fn credits_granted(source: &'static str, amount: i64) {
     if amount > 0 {
-        metrics::counter!("credits_granted_total", "source" => source).increment(amount as u64);
+        credits_counter(CreditFlow::Granted, source).increment(amount as u64);
     }
 }
 
 /// Credits taken from a balance.
 pub fn credits_spent(source: &'static str, amount: i64) {
     if amount > 0 {
-        metrics::counter!("credits_spent_total", "source" => source).increment(amount as u64);
+        credits_counter(CreditFlow::Spent, source).increment(amount as u64);
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CreditFlow {
+    Granted,
+    Spent,
+}
+
+/// The counter of credits granted or spent from one source, registered once: `metrics::counter!`
+/// builds the series' key and looks it up in the recorder at every call. Sources are the
+/// code's own constants, so the list stays short.
+fn credits_counter(flow: CreditFlow, source: &'static str) -> metrics::Counter {
+    type List = Vec<(CreditFlow, &'static str, metrics::Counter)>;
+    static COUNTERS: OnceLock<RwLock<List>> = OnceLock::new();
+    let counters = COUNTERS.get_or_init(Default::default);
+    let find = |list: &List| {
+        list.iter()
+            .find(|(f, s, _)| *f == flow && *s == source)
+            .map(|(_, _, counter)| counter.clone())
+    };
+    if let Some(counter) = find(&counters.read().unwrap_or_else(|p| p.into_inner())) {
+        return counter;
+    }
+    let mut list = counters.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(counter) = find(&list) {
+        return counter;
+    }
+    let counter = match flow {
+        CreditFlow::Granted => metrics::counter!("credits_granted_total", "source" => source),
+        CreditFlow::Spent => metrics::counter!("credits_spent_total", "source" => source),
+    };
+    list.push((flow, source, counter.clone()));
+    counter
 }
 
 /// The `X-Request-Id` of a request that came without one: a version 4 UUID, unique in this
