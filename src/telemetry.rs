@@ -176,21 +176,35 @@ fn request_series(method: &'static str, route: &str, status: u16) -> Series {
                 .map(|(_, _, handles)| handles.clone())
         })
     };
-    if let Some(handles) = find(&series.read().unwrap_or_else(|p| p.into_inner())) {
-        return handles;
+    registered_once(series, find, |map| {
+        let handles = (
+            metrics::counter!("http_requests_total", "method" => method, "route" => route.to_owned(), "status" => status.to_string()),
+            metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route.to_owned()),
+        );
+        map.entry(route.to_owned())
+            .or_default()
+            .push((method, status, handles.clone()));
+        handles
+    })
+}
+
+/// Metric handles registered once and then shared: what `find` finds under the read lock is
+/// answered at once; a miss takes the write lock, looks again (another thread may have
+/// registered it meanwhile) and only then `register`s. A poisoned lock is used as it is: the
+/// handles it guards stay valid.
+fn registered_once<M, V>(
+    lock: &RwLock<M>,
+    find: impl Fn(&M) -> Option<V>,
+    register: impl FnOnce(&mut M) -> V,
+) -> V {
+    if let Some(found) = find(&lock.read().unwrap_or_else(|p| p.into_inner())) {
+        return found;
     }
-    let mut map = series.write().unwrap_or_else(|p| p.into_inner());
-    if let Some(handles) = find(&map) {
-        return handles;
+    let mut map = lock.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(found) = find(&map) {
+        return found;
     }
-    let handles = (
-        metrics::counter!("http_requests_total", "method" => method, "route" => route.to_owned(), "status" => status.to_string()),
-        metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route.to_owned()),
-    );
-    map.entry(route.to_owned())
-        .or_default()
-        .push((method, status, handles.clone()));
-    handles
+    register(&mut map)
 }
 
 /// The methods the API serves by name; anything else (`PROPFIND`, made-up verbs) is `other`.
@@ -240,19 +254,14 @@ fn credits_counter(flow: CreditFlow, source: &'static str) -> metrics::Counter {
             .find(|(f, s, _)| *f == flow && *s == source)
             .map(|(_, _, counter)| counter.clone())
     };
-    if let Some(counter) = find(&counters.read().unwrap_or_else(|p| p.into_inner())) {
-        return counter;
-    }
-    let mut list = counters.write().unwrap_or_else(|p| p.into_inner());
-    if let Some(counter) = find(&list) {
-        return counter;
-    }
-    let counter = match flow {
-        CreditFlow::Granted => metrics::counter!("credits_granted_total", "source" => source),
-        CreditFlow::Spent => metrics::counter!("credits_spent_total", "source" => source),
-    };
-    list.push((flow, source, counter.clone()));
-    counter
+    registered_once(counters, find, |list| {
+        let counter = match flow {
+            CreditFlow::Granted => metrics::counter!("credits_granted_total", "source" => source),
+            CreditFlow::Spent => metrics::counter!("credits_spent_total", "source" => source),
+        };
+        list.push((flow, source, counter.clone()));
+        counter
+    })
 }
 
 /// The `X-Request-Id` of a request that came without one: a version 4 UUID, unique in this
